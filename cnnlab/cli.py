@@ -1,0 +1,69 @@
+"""The `cnnlab` command: `train`, `summary` (and more as they land).
+
+Every subcommand takes Hydra overrides (`model.bn=false data=synthetic`)
+and prints bad input as one `error: ...` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnlab.errors import ConfigError
+
+USAGE = """cnnlab <command> [options] [hydra overrides...]
+
+commands:
+  train     train and track one run (or a sweep with -m); Hydra's own flags apply
+  summary   Keras-style model summary of the composed config (--json for JSON)
+"""
+
+
+def _summary(argv: list[str]) -> int:
+    from cnnlab.config import compose, model_plan
+    from cnnlab.summary import summary_dict, summary_text
+
+    parser = argparse.ArgumentParser(prog="cnnlab summary",
+                                     description="Model summary from the composed config.")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.bn=false")
+    args = parser.parse_args(argv)
+    plan = model_plan(compose(args.overrides))
+    print(json.dumps(summary_dict(plan), indent=2) if args.json else summary_text(plan))
+    return 0
+
+
+def _train(argv: list[str]) -> int:
+    from cnnlab.train import main as train_main
+
+    sys.argv = ["cnnlab-train", *argv]  # Hydra reads its flags (-m, --cfg ...) from argv
+    train_main()
+    return 0
+
+
+COMMANDS = {"summary": _summary, "train": _train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command '{command}'; allowed: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except (ConfigError, HydraException, OmegaConfBaseException) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""The one exception type users see: a clear message, no traceback."""
+
+
+class ConfigError(ValueError):
+    """Bad input found before (or instead of) doing work.
+
+    The message names the bad value and what is allowed. The command line
+    prints it as `error: <message>` and exits with status 2.
+    """

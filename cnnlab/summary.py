@@ -1,0 +1,52 @@
+"""Keras-style model summary (table and JSON), computed from the analysis alone.
+
+The table shows maps channels-last (16x16x6), as Keras's `model.summary()`
+does; the JSON lists shapes as (C, H, W), PyTorch's layout.
+"""
+
+from __future__ import annotations
+
+from cnnlab.analysis import ReceptiveField, format_shape
+from cnnlab.config import ModelPlan
+from cnnlab.spec import describe
+
+
+def _pair(values) -> str:
+    a, b = values
+    return f"{a:g}" if a == b else f"{a:g}x{b:g}"
+
+
+def _rf_text(rf: ReceptiveField | None) -> str:
+    return "-" if rf is None else f"{_pair(rf.size)} /{_pair(rf.jump)}"
+
+
+def summary_text(plan: ModelPlan) -> str:
+    a = plan.analysis
+    rows = [(str(layer.index), describe(layer.spec), format_shape(layer.output_shape),
+             f"{layer.params:,}", f"{layer.macs:,}", _rf_text(layer.rf)) for layer in a.layers]
+    header = ("#", "Layer", "Output shape", "Params", "MACs", "RF /jump")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    right = {0, 3, 4}
+
+    def line(cells) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "-" * len(line(header))
+    rf = a.receptive_field
+    out = [
+        f'Model: "{plan.name}"   input {format_shape(a.input_shape)}',
+        "Layers: [" + ", ".join(plan.tokens) + "]",
+        rule, line(header), rule, *map(line, rows), "=" * len(rule),
+        f"Total params: {a.total_params:,}",
+        f"Trainable params: {a.trainable:,}",
+        f"Non-trainable params: {a.non_trainable:,} (BatchNorm moving mean/variance)",
+        f"PyTorch parameters: {a.trainable:,} (PyTorch keeps BN moving statistics as buffers)",
+        f"Total MACs: {a.macs:,} (FLOPs = 2 x MACs)",
+        f"Receptive field: {_pair(rf.size)} pixels, jump {_pair(rf.jump)}",
+    ]
+    return "\n".join(out)
+
+
+def summary_dict(plan: ModelPlan) -> dict:
+    return {"name": plan.name, "tokens": plan.tokens, **plan.analysis.as_dict()}
