@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.errors import ConfigError
@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[command](rest)
+    except OverrideParseException as error:
+        print(f"error: cannot parse the override '{error.override}': {error.message}",
+              file=sys.stderr)
+        return 2
     except (ConfigError, HydraException, OmegaConfBaseException) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

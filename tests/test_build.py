@@ -1,0 +1,155 @@
+"""The built module agrees with the analysis, and with TensorFlow's numerics."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cnnlab.analysis import analyse, same_padding
+from cnnlab.build import build
+from cnnlab.config import compose, model_plan
+from cnnlab.errors import ConfigError
+from cnnlab.spec import Conv, Pool, parse_layers
+
+
+def _random_stack(rng: random.Random) -> tuple[list, tuple[int, int, int]]:
+    shape = (rng.randint(1, 3), rng.randint(6, 20), rng.randint(6, 20))
+    tokens: list[str] = []
+    for _ in range(rng.randint(1, 5)):
+        pad = rng.choice(["same", "valid"])
+        k = rng.choice([str(rng.randint(1, 7)), f"{rng.randint(1, 7)}x{rng.randint(1, 7)}"])
+        s = rng.choice(["", f":s{rng.randint(1, 3)}", f":s{rng.randint(1, 3)}x{rng.randint(1, 3)}"])
+        candidate = rng.choice([
+            f"conv:{rng.randint(1, 5)}:{k}{s}:{pad}" + rng.choice(["", ":relu", ":nobias"]),
+            f"{rng.choice(['max', 'avg'])}pool:{rng.randint(1, 3)}{s}:{pad}",
+            "bn", rng.choice(["relu", "sigmoid", "tanh"]), "dropout:0.3",
+        ])
+        try:  # keep only layers that fit; the analysis decides
+            analyse(parse_layers(tokens + [candidate]), shape)
+            tokens.append(candidate)
+        except ConfigError:
+            pass
+    tokens += [rng.choice(["flatten", "gap"]), "bn", f"dense:{rng.randint(2, 6)}:softmax"]
+    return parse_layers(tokens), shape
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_random_stacks_agree_with_the_module(seed):
+    rng = random.Random(seed)
+    specs, shape = _random_stack(rng)
+    analysis = analyse(specs, shape)
+    net = build(analysis, init="torch").eval()
+    seen = {}
+    for name, module in net.named_children():
+        if "_" not in name:  # conv3, bn4 ...; fused activations are named conv3_relu
+            index = int("".join(ch for ch in name if ch.isdigit()))
+            module.register_forward_hook(lambda m, i, o, index=index: seen.__setitem__(index, o.shape))
+    with FlopCounterMode(display=False) as counter:
+        out = net(torch.randn(1, *shape))
+    assert {i: tuple(s[1:]) for i, s in seen.items()} == {
+        layer.index: layer.output_shape for layer in analysis.layers}
+    assert tuple(out.shape) == (1, *analysis.output_shape)
+    assert sum(p.numel() for p in net.parameters()) == analysis.trainable
+    moving = sum(b.numel() for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var")))
+    assert moving == analysis.non_trainable
+    # FlopCounterMode counts 2 FLOPs per multiply-accumulate of conv and matmul.
+    assert counter.get_total_flops() == 2 * analysis.macs
+
+
+def _tf_window(x: np.ndarray, spec: Conv | Pool, reduce) -> np.ndarray:
+    """Naive TensorFlow semantics over an unpadded (H, W) map: windows clipped to real pixels."""
+    k = spec.kernel if isinstance(spec, Conv) else spec.size
+    (h, w), (sh, sw) = x.shape, spec.stride
+    if spec.padding == "same":
+        (top, _), (left, _) = same_padding(h, k[0], sh), same_padding(w, k[1], sw)
+        oh, ow = -(-h // sh), -(-w // sw)
+    else:
+        top = left = 0
+        oh, ow = -(-(h - k[0] + 1) // sh), -(-(w - k[1] + 1) // sw)
+    out = np.zeros((oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            r0, c0 = i * sh - top, j * sw - left
+            rows = [r for r in range(r0, r0 + k[0]) if 0 <= r < h]
+            cols = [c for c in range(c0, c0 + k[1]) if 0 <= c < w]
+            out[i, j] = reduce(x[np.ix_(rows, cols)], [r - r0 for r in rows], [c - c0 for c in cols])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_numerics_match_a_naive_tensorflow_reference(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(4, 11, size=2)
+    kh, kw, sh, sw = rng.integers(1, 5), rng.integers(1, 5), rng.integers(1, 4), rng.integers(1, 4)
+    pad = rng.choice(["same", "valid"])
+    if pad == "valid" and (h < kh or w < kw):
+        pad = "same"
+    x = rng.normal(size=(h, w)) - 3.0  # mostly negative: zero padding would win a max
+    for token, reduce in [
+        (f"maxpool:{kh}x{kw}:s{sh}x{sw}:{pad}", lambda v, r, c: v.max()),
+        (f"avgpool:{kh}x{kw}:s{sh}x{sw}:{pad}", lambda v, r, c: v.mean()),
+    ]:
+        spec = parse_layers([token])
+        net = build(analyse(spec, (1, h, w)))
+        got = net(torch.tensor(x, dtype=torch.float64).view(1, 1, h, w).float())[0, 0]
+        want = _tf_window(x, spec[0], reduce)
+        np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-5, atol=1e-5)
+    spec = parse_layers([f"conv:1:{kh}x{kw}:s{sh}x{sw}:{pad}:nobias"])
+    net = build(analyse(spec, (1, h, w)))
+    kernel = net[0].weight.detach().double().numpy()[0, 0]
+    want = _tf_window(x, spec[0], lambda v, r, c: (v * kernel[np.ix_(r, c)]).sum())
+    got = net(torch.tensor(x).view(1, 1, h, w).float())[0, 0]
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_stride2_same_conv_on_even_input_pads_bottom_right():
+    net = build(analyse(parse_layers(["conv:1:3:s2:same:nobias"]), (1, 4, 4)))
+    torch.nn.init.ones_(net[0].weight)
+    out = net(torch.ones(1, 1, 4, 4))[0, 0]
+    # Total padding 1 per axis, all of it after: the top-left window is fully inside.
+    assert out.tolist() == [[9.0, 6.0], [6.0, 4.0]]
+
+
+def test_same_max_pool_on_negative_input_never_picks_padding():
+    x = -torch.arange(1.0, 10.0).view(1, 1, 3, 3)  # all negative
+    out = build(analyse(parse_layers(["maxpool:2:same"]), (1, 3, 3)))(x)[0, 0]
+    assert out.tolist() == [[-1.0, -3.0], [-7.0, -9.0]]
+
+
+def test_same_avg_pool_divides_by_real_pixels_at_the_border():
+    x = torch.arange(1.0, 10.0).view(1, 1, 3, 3)
+    out = build(analyse(parse_layers(["avgpool:2:same"]), (1, 3, 3)))(x)[0, 0]
+    assert out.tolist() == [[3.0, 4.5], [7.5, 9.0]]  # (1+2+4+5)/4, (3+6)/2, (7+8)/2, 9/1
+    sym = build(analyse(parse_layers(["avgpool:3:s1:same"]), (1, 3, 3)))(x)[0, 0]
+    assert sym[0, 0].item() == pytest.approx((1 + 2 + 4 + 5) / 4)
+
+
+def test_keras_init_and_bn_conventions():
+    plan = model_plan(compose(["model=baseline"]))
+    net = build(plan.analysis, init="keras", bn_momentum=0.99, bn_eps=1e-3)
+    conv, bn, dense = net.conv0, net.bn1, net.dense6
+    assert torch.count_nonzero(conv.bias) == 0 and torch.count_nonzero(dense.bias) == 0
+    limit = (6 / (5 * 5 * 3 + 5 * 5 * 6)) ** 0.5  # Glorot-uniform bound with Keras's fans
+    assert conv.weight.abs().max() <= limit and conv.weight.abs().max() > 0.9 * limit
+    assert bn.momentum == pytest.approx(0.01) and bn.eps == pytest.approx(1e-3)
+    torch_default = build(plan.analysis, init="torch")
+    assert torch.count_nonzero(torch_default.conv0.bias) > 0
+
+
+def test_logits_drop_only_a_final_softmax():
+    plan = model_plan(compose(["model=baseline"]))
+    probs = build(plan.analysis).eval()
+    logits = build(plan.analysis, logits=True).eval()
+    logits.load_state_dict(probs.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(probs(x), torch.softmax(logits(x), dim=1))
+
+
+def test_bad_builder_settings():
+    analysis = analyse(parse_layers(["flatten", "dense:2"]), (1, 2, 2))
+    with pytest.raises(ConfigError, match="model.init must be one of keras, torch, got 'xavier'"):
+        build(analysis, init="xavier")
+    with pytest.raises(ConfigError, match="bn_momentum"):
+        build(analysis, bn_momentum=1.5)
