@@ -1,0 +1,89 @@
+"""The LightningModule: cross-entropy on logits, torchmetrics accuracy, per-epoch logs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from cnnlab.optim import make_optimizer, make_scheduler
+
+
+class Classifier(L.LightningModule):
+    """Trains a network that returns logits; `predict_step` returns probabilities.
+
+    Logged once per epoch: train/loss, train/acc, val/loss, val/acc,
+    val/acc_best; after fitting, test/loss and test/acc. Accuracy is
+    torchmetrics' micro-averaged multiclass accuracy, which is Keras's
+    `accuracy` (the fraction of samples whose arg-max is the label).
+    """
+
+    def __init__(self, network: nn.Module, optim: Mapping[str, Any], num_classes: int,
+                 step_metrics: bool = False):
+        super().__init__()
+        self.network = network
+        self.optim = dict(optim)
+        self.step_metrics = step_metrics
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # A plain float, saved in checkpoints, so a resumed run keeps its best.
+        self.val_acc_best = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)  # (B, C, H, W) -> (B, classes) logits
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.optim["label_smoothing"])
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if self.step_metrics:  # throttled by Trainer(log_every_n_steps)
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits = self(x)
+        accuracy(logits, y)
+        self.log(f"{stage}/loss", self._loss(logits, y), on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        # compute() before Lightning resets the metric at the end of the epoch.
+        self.val_acc_best = max(self.val_acc_best, float(self.val_acc.compute()))
+        self.log("val/acc_best", self.val_acc_best, prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return torch.softmax(self(x), dim=1)
+
+    def configure_optimizers(self):
+        optimizer = make_optimizer(self.parameters(), self.optim)
+        scheduler = make_scheduler(optimizer, self.optim, self.trainer.max_epochs,
+                                   int(self.trainer.estimated_stepping_batches))
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["val_acc_best"] = self.val_acc_best
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_acc_best = float(checkpoint.get("val_acc_best", 0.0))

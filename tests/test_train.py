@@ -1,0 +1,160 @@
+"""One tracked run end to end on synthetic data: MLflow holds everything, resume continues it."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cnnlab.build import build
+from cnnlab.config import compose, model_plan
+from cnnlab.errors import ConfigError
+from cnnlab.train import train
+
+TINY = ["data=synthetic", "model=baseline", "model.widths=[4]", "model.dense=[8]",
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "seed=3"]
+
+
+def _cfg(runs: Path, *extra: str):
+    return compose([*TINY, f"paths.runs={runs}", *extra])
+
+
+def _client(runs: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{runs.resolve()}/mlflow.db")
+
+
+def _runs(runs: Path):
+    client = _client(runs)
+    experiments = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in experiments])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 2-epoch run, then the same command with max_epochs=3 (a resume)."""
+    runs = tmp_path_factory.mktemp("runs")
+    first = train(_cfg(runs, "trainer.max_epochs=2"))
+    (run,) = _runs(runs)
+    history = {k: [m.step for m in _client(runs).get_metric_history(run.info.run_id, k)]
+               for k in ("train/loss", "val/acc")}
+    second = train(_cfg(runs, "trainer.max_epochs=3"))
+    return runs, run, history, first, second
+
+
+def test_one_finished_run_with_params_tags_and_metrics(trained):
+    runs, run, history, first, _ = trained
+    assert run.info.status == "FINISHED"
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert params["model.total_params"] == str(model_plan(_cfg(runs)).analysis.total_params)
+    for key in ("model.macs", "model.receptive_field", "optim.lr", "data.batch_size",
+                "model.layers_expanded", "data.fingerprint"):
+        assert key in params
+    assert params["optim.eps"] == "1e-07"
+    for key in ("mlflow.source.git.commit", "git.dirty", "command", "version.torch",
+                "version.lightning", "version.mlflow", "host", "device", "seed"):
+        assert key in tags
+    assert tags["seed"] == "3" and tags["mlflow.runName"].endswith("-s3")
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss",
+                "test/acc"):
+        assert key in metrics
+    # One value per epoch: 2 epochs -> 2 distinct steps.
+    assert len(history["train/loss"]) == 2 and len(set(history["train/loss"])) == 2
+    assert first == pytest.approx(min(m.value for m in _client(runs).get_metric_history(
+        run.info.run_id, "val/loss")[:2]))
+
+
+def test_every_artifact_is_logged(trained):
+    runs, run, *_ = trained
+    client = _client(runs)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.txt", "summary.json", "config.yaml", "weights.txt", "curves.png",
+            "checkpoints"} <= names
+    ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert ckpts == {"checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+    weights = Path(client.download_artifacts(run.info.run_id, "weights.txt")).read_text()
+    assert "conv0.weight shape=(4, 3, 5, 5)" in weights and "bn1.weight shape=(4,)" in weights
+    assert "..." not in weights  # full values, not numpy's abbreviation
+    assert "running_mean" not in weights  # trainable variables only
+
+
+def test_logged_model_predicts_like_the_trained_model(trained):
+    runs, run, *_ = trained
+    mlflow.set_tracking_uri(f"sqlite:///{runs.resolve()}/mlflow.db")
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    cfg = _cfg(runs, "trainer.max_epochs=3")
+    plan = model_plan(cfg)
+    network = build(plan.analysis, logits=True)
+    ckpt_dir = Path(run.data.tags["run_dir"]) / "checkpoints"
+    state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)["state_dict"]
+    network.load_state_dict({k.removeprefix("network."): v for k, v in state.items()
+                             if k.startswith("network.")})
+    x = torch.rand(5, 3, 16, 16)
+    expected = torch.softmax(network.eval()(x), dim=1)
+    torch.testing.assert_close(logged(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_running_again_resumes_the_same_run(trained):
+    runs, run, _, _, second = trained
+    (again,) = _runs(runs)  # still exactly one run
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    steps = [m.step for m in _client(runs).get_metric_history(run.info.run_id, "train/loss")]
+    assert len(steps) == 3 and len(set(steps)) == 3  # epochs continue, no duplicate step
+    assert steps == sorted(steps)
+    history = (Path(run.data.tags["run_dir"]) / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3]
+    assert isinstance(second, float)
+
+
+def test_missing_dataset_is_a_clear_error_before_any_run(tmp_path):
+    cfg = compose(["data=cifar10", "data.download=false", f"paths.runs={tmp_path}"])
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    assert "data.root" in str(info.value) and str(tmp_path) in str(info.value)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.lr=0", "optim.lr must be a finite number in (0"),
+    ("optim.lr=-1e-3", "optim.lr must be a finite number in (0"),
+    ("optim.lr=nan", "optim.lr must be a finite number"),
+    ("optim.name=rmsprop", "optim.name must be one of adam, adamw, sgd"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("trainer.max_epochs=0", "trainer.max_epochs must be an integer >= 1, got 0"),
+    ("trainer.precision=8", "trainer.precision must be one of"),
+    ("checkpoint.mode=best", "checkpoint.mode must be min or max"),
+])
+def test_bad_training_config_fails_before_any_run(tmp_path, override, fragment):
+    with pytest.raises(ConfigError) as info:
+        train(_cfg(tmp_path, override))
+    assert fragment in str(info.value)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_server_fails_within_seconds(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="did not answer within 2 s"):
+        train(_cfg(tmp_path, "tracking.uri=http://127.0.0.1:9", "tracking.timeout_s=2"))
+    assert time.monotonic() - started < 15
+
+
+def test_command_line_run_and_bad_input_exit_codes(tmp_path):
+    cmd = [sys.executable, "-m", "cnnlab.cli", "train", *TINY, f"paths.runs={tmp_path}",
+           "trainer.max_epochs=1", "tracking.log_model=false"]
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    run_dir = tmp_path / "outputs" / "cnnlab"
+    (job,) = [p for p in run_dir.iterdir() if p.is_dir()]
+    assert (job / ".hydra" / "config.yaml").is_file() and (job / "curves.png").is_file()
+    assert "epoch 1/1" in ok.stderr + ok.stdout  # the one-line epoch summary
+    (run,) = _runs(tmp_path)
+    assert "hydra" in {a.path for a in _client(tmp_path).list_artifacts(run.info.run_id)}
+    bad = subprocess.run(cmd + ["model=nosuchmodel"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "nosuchmodel" in bad.stderr
+    bad = subprocess.run(cmd + ["optim.lr=0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: optim.lr")
+    assert len(_runs(tmp_path)) == 1  # neither bad command created a run
