@@ -36,6 +36,7 @@ class EpochHistory(L.Callback):
         epoch = trainer.current_epoch + 1  # 1-based, as Keras prints it
         row = {"epoch": epoch, "seconds": round(time.perf_counter() - self.started, 3)}
         row.update({k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics})
+        module.log("time/epoch_s", row["seconds"])  # compare reports seconds per epoch
         rows = [r for r in read_history(self.path) if r["epoch"] < epoch] + [row]
         write_history(rows, self.path)
         text = "  ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS if k in row)

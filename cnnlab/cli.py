@@ -20,6 +20,7 @@ USAGE = """cnnlab <command> [options] [hydra overrides...]
 commands:
   train     train and track one run (or a sweep with -m); Hydra's own flags apply
   summary   Keras-style model summary of the composed config (--json for JSON)
+  compare   seed statistics and paired tests for an experiment or a sweep's parent run
 """
 
 
@@ -45,7 +46,37 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"summary": _summary, "train": _train}
+def _compare(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from cnnlab.compare import METRICS, compare, write_outputs
+    from cnnlab.tracking import tracking_uri
+
+    parser = argparse.ArgumentParser(prog="cnnlab compare", description=(
+        "Group runs by the knobs that vary; mean, std and 95%% CI over seeds; paired tests."))
+    parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
+    parser.add_argument("--runs", default="runs", help="the runs root holding mlflow.db (default: runs)")
+    parser.add_argument("--uri", default=None, help="a tracking URI instead of --runs")
+    parser.add_argument("--metric", default="val/acc_best", choices=METRICS,
+                        help="the metric of the paired comparison")
+    parser.add_argument("--format", default="text", choices=("text", "markdown", "csv", "latex"))
+    parser.add_argument("--out", default=None, help="also write .txt/.md/.csv/.tex and plots here")
+    args = parser.parse_args(argv)
+    uri = args.uri or tracking_uri(None, Path(args.runs))
+    if uri.startswith("sqlite:") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"no MLflow store at {uri[len('sqlite:///'):]}; train something first "
+                          f"or point --runs/--uri at a store")
+    is_run = len(args.target) == 32 and all(c in "0123456789abcdef" for c in args.target)
+    result = compare(uri, parent=args.target if is_run else None,
+                     experiment=None if is_run else args.target, metric=args.metric)
+    print({"text": result.text, "markdown": result.markdown, "csv": result.csv,
+           "latex": result.latex}[args.format]())
+    if args.out:
+        write_outputs(result, Path(args.out), uri)
+    return 0
+
+
+COMMANDS = {"summary": _summary, "train": _train, "compare": _compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,39 @@ def run_directory(cfg: DictConfig, name: str) -> Path:
     return Path(cfg.paths.runs) / "outputs" / slug(cfg.tracking.experiment) / slug(name)
 
 
+def _sweep_tags(overrides: list[str]) -> dict[str, str]:
+    """In a multirun: the parent run, and this job's overrides as knob.* tags."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cnnlab.sweep import parent_run_id
+
+    if not _in_multirun():
+        return {}
+    tags = {f"knob.{k.lstrip('+~')}": v for k, _, v in (o.partition("=") for o in overrides)}
+    parent = parent_run_id(Path(HydraConfig.get().sweep.dir))
+    return {**tags, "mlflow.parentRunId": parent} if parent else tags
+
+
+def _threads(configured: int | None) -> int | None:
+    """Torch threads: as configured, else cores split evenly between parallel sweep jobs."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if configured is not None:
+        if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
+            raise ConfigError(f"trainer.threads must be null or an integer >= 1, got {configured!r}")
+        return configured
+    if not HydraConfig.initialized():
+        return None
+    jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs")
+    if not isinstance(jobs, int) or jobs == 1:
+        return None
+    cores = os.cpu_count() or 1
+    jobs = jobs if jobs > 0 else max(cores + 1 + jobs, 1)  # joblib: -1 = all cores
+    return max(cores // jobs, 1)
+
+
 def _container(node: Any) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
@@ -136,6 +169,7 @@ def train(cfg: DictConfig) -> float:
     data = load_dataset(data_cfg, Path(cfg.paths.cache), cfg.seed)
 
     import lightning as L
+    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from cnnlab.build import build
@@ -149,6 +183,13 @@ def train(cfg: DictConfig) -> float:
     run_dir = run_directory(cfg, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_point(cfg, run_dir)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    network = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps,
+                    logits=True)
+    threads = _threads(cfg.trainer.threads)
+    if threads:
+        torch.set_num_threads(threads)
 
     tracker, resumed = None, False
     if cfg.tracking.enabled:
@@ -165,16 +206,13 @@ def train(cfg: DictConfig) -> float:
             tracker.start(cfg.tracking.experiment, name, artifact_location=artifacts, tags={
                 **provenance_tags(), "overrides": " ".join(overrides) or "(none)",
                 "seed": cfg.seed, "model": plan.name, "data": data_cfg["name"],
-                "run_dir": str(run_dir)})
+                "run_dir": str(run_dir), **_sweep_tags(overrides)})
             id_file.write_text(tracker.run_id)
     log.info("run %s in %s%s", name, run_dir,
              f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)")
     log.info("\n%s", summary_text(plan))
 
     try:
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        network = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps,
-                        logits=True)
         module = Classifier(network, _container(cfg.optim), data_cfg["num_classes"],
                             step_metrics=cfg.tracking.step_metrics)
         datamodule = TensorDataModule(data, data_cfg, cfg.seed)
@@ -271,13 +309,46 @@ def _log_model(tracker, network, datamodule, plan) -> None:
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
+def record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """A sweep job that failed before its run existed still leaves a FAILED child run."""
+    from cnnlab.tracking import Tracker, tracking_uri
+
+    overrides = _overrides()
+    runs = Path(cfg.paths.runs).resolve()
+    tracker = Tracker(tracking_uri(cfg.tracking.uri, runs), runs)
+    tracker.start(cfg.tracking.experiment, run_name(cfg, overrides), tags={
+        "error": f"{type(error).__name__}: {error}", "seed": cfg.seed,
+        "overrides": " ".join(overrides), **_sweep_tags(overrides)})
+    tracker.log_params({"seed": cfg.seed})
+    tracker.finish("FAILED")
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    """Single run: bad input exits 2 with one line. Sweep job: a failure is recorded as a
+    FAILED child run and the sweep goes on (the job returns NaN to the sweeper)."""
+    sweeping = _in_multirun()
     try:
         return train(cfg)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        if not sweeping:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        log.error("job failed: %s", error)
+        if cfg.tracking.enabled:
+            record_failure(cfg, error)
+    except Exception:
+        if not sweeping:
+            raise
+        log.exception("job failed; its MLflow run is marked FAILED and the sweep goes on")
+    return float("nan")
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 if __name__ == "__main__":

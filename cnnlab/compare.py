@@ -1,0 +1,305 @@
+"""Logged runs -> a grouped table with seed statistics, paired tests, warnings and plots.
+
+Variants are the groups of runs that share every knob that varies, the seed
+excepted. For each: n, mean, standard deviation (n - 1) and the 95%
+confidence interval of the mean (Student's t) of the best validation
+accuracy and the test accuracy, beside parameters, MACs, receptive field and
+seconds per epoch. Two variants are compared on the seeds they share: the
+mean paired difference, a bootstrap 95% interval of it, and the two-sided
+paired t-test's p-value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from cnnlab.errors import ConfigError
+
+METRICS = ("val/acc_best", "test/acc")
+# Params that differ between runs without making them different variants.
+NOT_KNOBS = ("seed", "paths.", "tracking.run_name", "data.fingerprint", "data.source",
+             "data.root", "data.archive", "ckpt_path", "model.layers_expanded",
+             # derived from the knobs, shown as their own columns
+             "model.total_params", "model.trainable_params", "model.macs", "model.receptive_field")
+BOOTSTRAP_SAMPLES = 10_000
+
+
+def _is_knob(key: str) -> bool:
+    return not any(key == k or key.startswith(k) for k in NOT_KNOBS)
+
+
+def ci95(values: np.ndarray) -> tuple[float, float]:
+    """Student-t 95% interval of the mean; NaN when n < 2."""
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1)) / math.sqrt(n)
+    half = float(stats.t.ppf(0.975, n - 1)) * sem
+    return mean - half, mean + half
+
+
+def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
+    """b - a over shared seeds: mean, bootstrap 95% CI, paired t-test p-value."""
+    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    n = len(diff)
+    rng = np.random.default_rng(seed)
+    if n >= 2:
+        means = rng.choice(diff, size=(BOOTSTRAP_SAMPLES, n), replace=True).mean(axis=1)
+        low, high = (float(q) for q in np.percentile(means, [2.5, 97.5]))
+        p = float(stats.ttest_rel(b, a).pvalue) if np.std(diff) > 0 else (1.0 if np.all(diff == 0) else 0.0)
+    else:
+        low = high = p = math.nan
+    return {"n": n, "mean_diff": float(np.mean(diff)) if n else math.nan,
+            "ci95_low": low, "ci95_high": high, "p_value": p, "test": "paired t-test, two-sided"}
+
+
+@dataclass
+class Comparison:
+    runs: pd.DataFrame                 # one row per run: variant, seed, status, metrics, params
+    table: pd.DataFrame                # one row per variant
+    knobs: list[str]
+    pairs: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    metric: str = "val/acc_best"
+
+    def _pairs_text(self) -> list[str]:
+        lines = []
+        for p in self.pairs:
+            lines.append(
+                f"{p['b']} - {p['a']} on {self.metric} over {p['n']} shared seeds: "
+                f"mean {p['mean_diff']:+.4f}, bootstrap 95% CI [{p['ci95_low']:+.4f}, "
+                f"{p['ci95_high']:+.4f}], p = {p['p_value']:.4g} ({p['test']})")
+        return lines
+
+    def display(self) -> pd.DataFrame:
+        """The table as a reader wants it: mean +- std and the 95% CI per metric."""
+        out = pd.DataFrame({"variant": self.table["variant"], "n": self.table["n"],
+                            "failed": self.table["failed"]})
+        for m in METRICS:
+            t = self.table
+            out[f"{m} mean +- std"] = [f"{_num(a)} +- {_num(b)}" for a, b in zip(t[f"{m} mean"], t[f"{m} std"])]
+            out[f"{m} 95% CI"] = [f"[{_num(a)}, {_num(b)}]" for a, b in zip(t[f"{m} ci95 low"], t[f"{m} ci95 high"])]
+        for column in ("params", "MACs", "RF"):
+            out[column] = [f"{int(v):,}" if not math.isnan(v) else "--" for v in self.table[column]]
+        out["s/epoch"] = [_num(v, 2) for v in self.table["s/epoch"]]
+        return out
+
+    def text(self) -> str:
+        with pd.option_context("display.width", 250, "display.max_columns", 50,
+                               "display.max_colwidth", 80):
+            body = self.display().to_string(index=False)
+        return "\n".join([body, *self._pairs_text(), *(f"warning: {w}" for w in self.warnings)])
+
+    def markdown(self) -> str:
+        table = self.display()
+        cols = list(table.columns)
+        rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for _, row in table.iterrows():
+            rows.append("| " + " | ".join(str(row[c]) for c in cols) + " |")
+        notes = [f"- {line}" for line in self._pairs_text()] + [f"- warning: {w}" for w in self.warnings]
+        return "\n".join(rows + ([""] + notes if notes else [])) + "\n"
+
+    def latex(self) -> str:
+        """A booktabs table for papers (\\toprule, \\midrule, \\bottomrule)."""
+        table = self.display()
+        table.columns = [str(c).replace("+-", "$\\pm$").replace("%", "\\%") for c in table.columns]
+        for column in table.columns:
+            table[column] = table[column].astype(str).str.replace("+-", "$\\pm$", regex=False)
+        return table.to_latex(index=False, escape=False).replace("_", "\\_")
+
+    def csv(self) -> str:
+        return self.table.to_csv(index=False)
+
+
+def _num(value: float, digits: int = 4) -> str:
+    return "--" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def load_runs(uri: str, experiment: str | None = None, parent: str | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Child runs of a sweep parent, or every non-parent run of an experiment; and the swept keys."""
+    client = _client(uri)
+    swept: list[str] = []
+    if parent:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent_run = client.get_run(parent)
+        except MlflowException:
+            raise ConfigError(f"no MLflow run '{parent}' in {uri}") from None
+        swept = [k for k in parent_run.data.tags.get("sweep.keys", "").split(",") if k]
+        runs = client.search_runs([parent_run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                                  max_results=50_000)
+    else:
+        found = client.get_experiment_by_name(experiment or "")
+        if found is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise ConfigError(f"no MLflow experiment '{experiment}' in {uri}; experiments: "
+                              f"{', '.join(names) or '(none)'}")
+        runs = [r for r in client.search_runs([found.experiment_id], max_results=50_000)
+                if r.data.tags.get("sweep") != "parent"]
+    if not runs:
+        raise ConfigError(f"no runs to compare in {'parent run ' + parent if parent else 'experiment ' + str(experiment)}")
+    rows = []
+    for run in runs:
+        row = {"run_id": run.info.run_id, "status": run.info.status,
+               "seed": run.data.params.get("seed", run.data.tags.get("seed")),
+               "error": run.data.tags.get("error", "")}
+        row.update({f"param:{k}": v for k, v in run.data.params.items()})
+        row.update({m: run.data.metrics.get(m, math.nan) for m in (*METRICS, "time/epoch_s")})
+        row.update({f"knob:{k[5:]}": v for k, v in run.data.tags.items() if k.startswith("knob.")})
+        rows.append(row)
+    return pd.DataFrame(rows), swept
+
+
+def _variant_keys(runs: pd.DataFrame) -> list[str]:
+    """Knobs whose value differs between runs (params and failed runs' override tags)."""
+    keys = []
+    for column in runs.columns:
+        if column.startswith(("param:", "knob:")) and _is_knob(column.split(":", 1)[1]):
+            key = column.split(":", 1)[1]
+            if runs[column].fillna("").nunique() > 1 and key not in keys:
+                keys.append(key)
+    return sorted(keys)
+
+
+def _value(row: pd.Series, key: str) -> str:
+    for column in (f"param:{key}", f"knob:{key}"):
+        if column in row and isinstance(row[column], str):
+            return row[column]
+    return "?"
+
+
+def compare(uri: str, experiment: str | None = None, parent: str | None = None,
+            metric: str = "val/acc_best") -> Comparison:
+    if metric not in METRICS:
+        raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    runs, swept = load_runs(uri, experiment, parent)
+    knobs = _variant_keys(runs)
+    runs["variant"] = [", ".join(f"{k.removeprefix('model.')}={_value(r, k)}" for k in knobs) or "all"
+                       for _, r in runs.iterrows()]
+    table_rows, warnings = [], []
+    for variant, group in runs.groupby("variant", sort=True):
+        done = group[group["status"] == "FINISHED"]
+        row = {"variant": variant, "n": len(done), "failed": int((group["status"] == "FAILED").sum())}
+        for m in METRICS:
+            values = done[m].dropna().to_numpy(dtype=float)
+            low, high = ci95(values)
+            row.update({f"{m} mean": float(np.mean(values)) if len(values) else math.nan,
+                        f"{m} std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+                        f"{m} ci95 low": low, f"{m} ci95 high": high})
+        first = group.iloc[0]
+        for label, key in (("params", "model.total_params"), ("MACs", "model.macs"),
+                           ("RF", "model.receptive_field")):
+            value = first.get(f"param:{key}")
+            row[label] = int(value) if isinstance(value, str) and value.isdigit() else math.nan
+        row["s/epoch"] = float(done["time/epoch_s"].mean()) if len(done) else math.nan
+        table_rows.append(row)
+        if row["failed"]:
+            errors = sorted(set(group.loc[group["status"] == "FAILED", "error"]))
+            warnings.append(f"{variant}: {row['failed']} run(s) FAILED: {'; '.join(errors)[:300]}")
+        if 0 < row["n"] < 3:
+            warnings.append(f"{variant}: n = {row['n']} seeds (< 3); its interval is not trustworthy")
+    table = pd.DataFrame(table_rows)
+    if swept:
+        extra = [k for k in knobs if k not in swept and k != "seed"]
+        if extra:
+            warnings.append(f"variants also differ in {', '.join(extra)}, which the sweep did not "
+                            f"set ({', '.join(swept)}); the comparison is not controlled")
+    warnings += _same_network_warnings(runs, knobs)
+    pairs = _pairs(runs, metric)
+    return Comparison(runs, table, knobs, pairs, warnings, metric)
+
+
+def _same_network_warnings(runs: pd.DataFrame, knobs: list[str]) -> list[str]:
+    column = "param:model.layers_expanded"
+    if column not in runs or not any(k.startswith("model.") for k in knobs):
+        return []
+    networks = runs.dropna(subset=[column]).groupby(column)["variant"].unique()
+    return [f"variants {', '.join(v)} build the same network ({layers})"
+            for layers, v in networks.items() if len(v) > 1]
+
+
+def _pairs(runs: pd.DataFrame, metric: str) -> list[dict]:
+    """Every variant against the first (alphabetical) one, on shared finished seeds."""
+    done = runs[(runs["status"] == "FINISHED") & runs[metric].notna()]
+    variants = sorted(runs["variant"].unique())
+    if len(variants) < 2:
+        return []
+    by_seed = done.pivot_table(index="seed", columns="variant", values=metric, aggfunc="first")
+    reference, out = variants[0], []
+    for other in variants[1:]:
+        if reference not in by_seed or other not in by_seed:
+            continue
+        shared = by_seed[[reference, other]].dropna()
+        out.append({"a": reference, "b": other, **paired(shared[reference].to_numpy(),
+                                                         shared[other].to_numpy())})
+    return out
+
+
+def plot(result: Comparison, uri: str, folder: Path) -> list[Path]:
+    """val/acc per epoch (mean and std band per variant) and accuracy vs MACs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = _client(uri)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, group in result.runs[result.runs["status"] == "FINISHED"].groupby("variant"):
+        curves = [[m.value for m in sorted(client.get_metric_history(run_id, "val/acc"),
+                                           key=lambda m: m.step)] for run_id in group["run_id"]]
+        length = min(len(c) for c in curves)
+        if length == 0:
+            continue
+        values = np.array([c[:length] for c in curves])
+        epochs = np.arange(1, length + 1)
+        mean, std = values.mean(axis=0), values.std(axis=0)
+        ax.plot(epochs, mean, marker="o", label=f"{variant} (n={len(curves)})")
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    curves_png = folder / "val_acc_per_epoch.png"
+    fig.savefig(curves_png, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    m = result.metric
+    for _, row in result.table.iterrows():
+        ax.errorbar(row["MACs"], row[f"{m} mean"], yerr=row[f"{m} std"] if row["n"] > 1 else None,
+                    fmt="o", capsize=3, label=row["variant"])
+    ax.set_xlabel("MACs")
+    ax.set_ylabel(m)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    macs_png = folder / "accuracy_vs_macs.png"
+    fig.savefig(macs_png, dpi=100)
+    plt.close(fig)
+    return [curves_png, macs_png]
+
+
+def write_outputs(result: Comparison, folder: Path, uri: str | None = None) -> None:
+    """compare.txt/.md/.csv/.tex (and the plots when a store URI is given) into a folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "compare.txt").write_text(result.text() + "\n")
+    (folder / "compare.md").write_text(result.markdown())
+    (folder / "compare.csv").write_text(result.csv())
+    (folder / "compare.tex").write_text(result.latex())
+    if uri:
+        plot(result, uri, folder)

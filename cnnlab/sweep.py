@@ -1,0 +1,115 @@
+"""Hydra multirun <-> MLflow: one parent run per sweep, every job a child of it.
+
+Lightning's MLFlowLogger cannot nest runs, so cnnlab does it itself: this
+Hydra callback (registered in conf/train.yaml) opens the parent run before
+any job starts and writes its id into the sweep directory; each job, in
+whatever process the launcher gives it, reads the id and tags its own run
+with `mlflow.parentRunId`. When the sweep ends, the comparison table and
+plots are logged to the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("cnnlab")
+
+PARENT_FILE = "mlflow_parent_run_id"
+
+
+def swept_keys(config: DictConfig) -> dict[str, str]:
+    """The sweep's overrides that vary (`model.kernels=[5],[3,3]` -> {'model.kernels': '[5],[3,3]'})."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    varying = {o.get_key_element(): o.input_line.split("=", 1)[1]
+               for o in parsed if o.is_sweep_override()}
+    params = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("params") or {}
+    varying.update({str(k): str(v) for k, v in params.items()})
+    return varying
+
+
+def parent_run_id(sweep_dir: Path) -> str | None:
+    path = sweep_dir / PARENT_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _tracker(config: DictConfig):
+    from cnnlab.tracking import Tracker, check_tracking, tracking_uri
+
+    runs = Path(config.paths.runs).resolve()
+    uri = tracking_uri(config.tracking.uri, runs)
+    check_tracking(uri, config.tracking.timeout_s)
+    return Tracker(uri, runs), runs
+
+
+class MlflowSweep(Callback):
+    """Opens the sweep's parent run and closes it with the comparison attached."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra turns a callback's exceptions into warnings and launches the jobs anyway;
+        # a store that cannot be reached must stop the sweep before any job starts.
+        from cnnlab.errors import ConfigError
+
+        try:
+            self._open_parent(config)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    def _open_parent(self, config: DictConfig) -> None:
+        if not config.tracking.enabled:
+            return
+        from cnnlab.config import slug
+        from cnnlab.tracking import provenance_tags
+
+        tracker, runs = _tracker(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        existing = parent_run_id(sweep_dir)
+        if existing and tracker.resume(existing):
+            log.info("sweep continues its MLflow parent run %s", existing)
+            return
+        varying = swept_keys(config)
+        launcher = OmegaConf.select(config, "hydra.launcher._target_") or "?"
+        sweeper = OmegaConf.select(config, "hydra.sweeper._target_") or "?"
+        artifacts = ((runs / "mlartifacts" / slug(config.tracking.experiment)).as_uri()
+                     if tracker.uri.startswith("sqlite:") else None)
+        tracker.start(config.tracking.experiment, "sweep " + " ".join(
+            f"{k}={v}" for k, v in varying.items()), artifact_location=artifacts, tags={
+            **provenance_tags(), "sweep": "parent", "sweep.keys": ",".join(varying),
+            "sweep.launcher": launcher.rsplit(".", 1)[-1], "sweep.sweeper": sweeper.rsplit(".", 1)[-1],
+            "sweep.dir": str(sweep_dir)})
+        tracker.log_params({"sweep.overrides": " ".join(config.hydra.overrides.task),
+                            "sweep.launcher": launcher, "sweep.sweeper": sweeper,
+                            **{f"sweep.grid.{k}": v for k, v in varying.items()}})
+        (sweep_dir / PARENT_FILE).write_text(tracker.run_id)
+        log.info("sweep parent MLflow run %s", tracker.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.tracking.enabled:
+            return
+        from cnnlab.compare import compare, write_outputs
+
+        tracker, _ = _tracker(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        run_id = parent_run_id(sweep_dir)
+        if run_id is None or not tracker.resume(run_id):
+            log.error("the sweep's parent run is missing from %s; nothing to attach", sweep_dir)
+            return
+        try:
+            result = compare(tracker.uri, parent=run_id)
+            out = sweep_dir / "compare"
+            write_outputs(result, out, tracker.uri)
+            tracker.log_artifact(out, "compare")
+            print(result.text(), file=sys.stderr)
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        tracker.finish("FINISHED")
