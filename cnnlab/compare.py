@@ -170,7 +170,7 @@ def _variant_keys(runs: pd.DataFrame) -> list[str]:
     for column in runs.columns:
         if column.startswith(("param:", "knob:")) and _is_knob(column.split(":", 1)[1]):
             key = column.split(":", 1)[1]
-            if runs[column].fillna("").nunique() > 1 and key not in keys:
+            if runs[column].dropna().nunique() > 1 and key not in keys:
                 keys.append(key)
     return sorted(keys)
 

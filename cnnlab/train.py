@@ -311,7 +311,7 @@ def _log_model(tracker, network, datamodule, plan) -> None:
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:
     """A sweep job that failed before its run existed still leaves a FAILED child run."""
-    from cnnlab.tracking import Tracker, tracking_uri
+    from cnnlab.tracking import Tracker, flatten, tracking_uri
 
     overrides = _overrides()
     runs = Path(cfg.paths.runs).resolve()
@@ -319,7 +319,7 @@ def record_failure(cfg: DictConfig, error: BaseException) -> None:
     tracker.start(cfg.tracking.experiment, run_name(cfg, overrides), tags={
         "error": f"{type(error).__name__}: {error}", "seed": cfg.seed,
         "overrides": " ".join(overrides), **_sweep_tags(overrides)})
-    tracker.log_params({"seed": cfg.seed})
+    tracker.log_params(flatten(_container(cfg)))  # compare groups it with its variant
     tracker.finish("FAILED")
 
 
