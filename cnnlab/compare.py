@@ -151,7 +151,8 @@ def load_runs(uri: str, experiment: str | None = None, parent: str | None = None
         runs = [r for r in client.search_runs([found.experiment_id], max_results=50_000)
                 if r.data.tags.get("sweep") != "parent"]
     if not runs:
-        raise ConfigError(f"no runs to compare in {'parent run ' + parent if parent else 'experiment ' + str(experiment)}")
+        where = f"parent run {parent}" if parent else f"experiment {experiment}"
+        raise ConfigError(f"no runs to compare in {where}")
     rows = []
     for run in runs:
         row = {"run_id": run.info.run_id, "status": run.info.status,

@@ -1,0 +1,212 @@
+"""Batches for Lightning from a `TensorData`, by two pipelines with the same numbers.
+
+memory (default, airbench-style): the uint8 dataset sits on the training device
+    once; each epoch draws a permutation and the augmentation parameters from a
+    generator seeded by (seed, epoch), then cuts batches and augments and
+    normalises them with batched tensor ops. No workers, no per-sample Python.
+    The order depends only on (seed, epoch), so a run resumed from a checkpoint
+    sees the same batches as an uninterrupted one, and the DataModule has no
+    state to save.
+loader (the standard path): a torch DataLoader over per-sample
+    torchvision.transforms.v2 transforms, with `num_workers` workers.
+
+Both scale with torchvision's ToDtype and standardise with its Normalize, so
+val/test batches are identical across pipelines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from cnnlab.datasets import TensorData, check_data_config
+from cnnlab.errors import ConfigError
+
+# Independent random streams derived from the run seed.
+_BATCHES, _SPLIT, _LOADER = 0, 1, 2
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed for the stream (seed, *keys); nearby inputs give unrelated streams."""
+    state = np.random.SeedSequence([seed % 2**64, *keys]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def scale_and_normalize(x: torch.Tensor, mean: Sequence[float] | None,
+                        std: Sequence[float] | None) -> torch.Tensor:
+    """uint8 (..., C, H, W) -> float32 x/255, then (x - mean)/std when mean is given."""
+    x = TF.to_dtype(x, torch.float32, scale=True)
+    return x if mean is None else TF.normalize(x, list(mean), list(std))
+
+
+def random_crop(x: torch.Tensor, shifts: torch.Tensor, padding: int) -> torch.Tensor:
+    """Crop each image of x, zero-padded by `padding`, at its own offset shifts[i] in [0, 2p]^2."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p), zeros around
+    device = x.device
+    rows = shifts[:, 0, None] + torch.arange(h, device=device)  # (B, H)
+    cols = shifts[:, 1, None] + torch.arange(w, device=device)  # (B, W)
+    # One gather for the whole batch: the four index tensors broadcast to (B, C, H, W).
+    return padded[torch.arange(b, device=device)[:, None, None, None],
+                  torch.arange(c, device=device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class TensorBatches:
+    """An epoch of (x, y) batches cut from tensors already on the device; iterate once per epoch.
+
+    `epoch` returns the epoch number a pass belongs to (the trainer's current
+    epoch); without it, passes are numbered 0, 1, 2, ... as they start.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
+                 shuffle: bool = False, seed: int = 0, epoch: Callable[[], int] | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 crop_padding: int = 0, hflip: bool = False) -> None:
+        self.x, self.y = x, y  # (N, C, H, W) uint8, (N,) int64 on one device
+        self.batch_size = batch_size
+        self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
+        self.mean, self.std = mean, std
+        self.crop_padding, self.hflip = crop_padding, hflip
+        self._passes = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)  # the last batch may be short
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.epoch() if self.epoch is not None else self._passes
+        self._passes += 1
+        n, device, bs = len(self.x), self.x.device, self.batch_size
+        # Drawn on the CPU and moved once per epoch: the same order and augmentation on
+        # any device, and no host sync per batch.
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, _BATCHES, epoch))
+        order = torch.randperm(n, generator=gen).to(device) if self.shuffle else None
+        pad = self.crop_padding
+        shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).to(device) if pad else None
+        flips = (torch.rand(n, generator=gen) < 0.5).to(device) if self.hflip else None
+        for start in range(0, n, bs):
+            if order is None:
+                x, y = self.x[start:start + bs], self.y[start:start + bs]
+            else:
+                idx = order[start:start + bs]
+                x, y = self.x[idx], self.y[idx]  # (B, C, H, W) uint8, (B,)
+            if shifts is not None:
+                x = random_crop(x, shifts[start:start + bs], pad)
+            if flips is not None:
+                x = torch.where(flips[start:start + bs, None, None, None], x.flip(3), x)
+            yield scale_and_normalize(x, self.mean, self.std), y
+
+
+class _Samples(Dataset):
+    """Per-sample view for the DataLoader pipeline."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Callable) -> None:
+        self.x, self.y, self.transform = x, y, transform  # (N, C, H, W) uint8, (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.transform(self.x[i]), self.y[i]
+
+
+class TensorDataModule(L.LightningDataModule):
+    """train/val/test batches over a TensorData, as `cfg` (a data config) says."""
+
+    def __init__(self, data: TensorData, cfg: Mapping[str, Any], seed: int) -> None:
+        super().__init__()
+        check_data_config(cfg)
+        self.data, self.cfg, self.seed = data, dict(cfg), seed
+        self.classes = list(data.classes)
+        self.num_classes = len(self.classes)
+        standardize = cfg["normalize"] == "standardize"
+        self._mean = list(cfg["mean"]) if standardize else None
+        self._std = list(cfg["std"]) if standardize else None
+        test = (data.test_x, data.test_y)
+        if cfg["validation"] == "test":
+            # The chapter's protocol: validate on the test set, so val/* == test/*.
+            train, val = (data.train_x, data.train_y), test
+        else:
+            n = len(data.train_x)
+            n_val = round(n * cfg["val_fraction"])
+            if not 1 <= n_val < n:
+                raise ConfigError(f"data.val_fraction={cfg['val_fraction']} of {n} training "
+                                  f"images leaves {n_val} for validation and {n - n_val} for "
+                                  "training; both need at least one")
+            gen = torch.Generator().manual_seed(derive_seed(seed, _SPLIT))
+            perm = torch.randperm(n, generator=gen)
+            val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+            train = (data.train_x[train_idx], data.train_y[train_idx])
+            val = (data.train_x[val_idx], data.train_y[val_idx])
+        self._sets: dict[str, Batch] = {"train": train, "val": val, "test": test}
+        self._device = torch.device("cpu")
+
+    def _root_device(self) -> torch.device:
+        if self.trainer is None:
+            return torch.device("cpu")
+        return self.trainer.strategy.root_device
+
+    def setup(self, stage: str) -> None:
+        device = self._root_device()
+        if self.cfg["pipeline"] != "memory" or device == self._device:
+            return
+        # Move each distinct tensor once (val and test share tensors under validation=test).
+        moved: dict[int, torch.Tensor] = {}
+        for pair in self._sets.values():
+            for t in pair:
+                if id(t) not in moved:
+                    moved[id(t)] = t.to(device)
+        self._sets = {name: (moved[id(x)], moved[id(y)]) for name, (x, y) in self._sets.items()}
+        self._device = device
+
+    def train_dataloader(self) -> TensorBatches | DataLoader:
+        augment = self.cfg["augment"]
+        if self.cfg["pipeline"] == "memory":
+            # The trainer's epoch, not a pass counter: a resumed run sees the same order.
+            epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
+            return TensorBatches(*self._sets["train"], self.cfg["batch_size"], shuffle=True,
+                                 seed=self.seed, epoch=epoch, mean=self._mean, std=self._std,
+                                 crop_padding=augment["crop_padding"], hflip=augment["hflip"])
+        steps: list[Any] = [v2.ToDtype(torch.float32, scale=True)]
+        if augment["crop_padding"]:
+            steps.append(v2.RandomCrop(self.cfg["shape"][1:], padding=augment["crop_padding"]))
+        if augment["hflip"]:
+            steps.append(v2.RandomHorizontalFlip())
+        if self._mean is not None:
+            steps.append(v2.Normalize(self._mean, self._std))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, _LOADER))
+        return self._loader("train", v2.Compose(steps), self.cfg["batch_size"], gen)
+
+    def val_dataloader(self) -> TensorBatches | DataLoader:
+        return self._eval("val")
+
+    def test_dataloader(self) -> TensorBatches | DataLoader:
+        return self._eval("test")
+
+    def _eval(self, name: str) -> TensorBatches | DataLoader:
+        bs = self.cfg["eval_batch_size"]
+        if self.cfg["pipeline"] == "memory":
+            return TensorBatches(*self._sets[name], bs, mean=self._mean, std=self._std)
+        # A partial, not a lambda: workers started by spawn/forkserver must pickle it.
+        transform = partial(scale_and_normalize, mean=self._mean, std=self._std)
+        return self._loader(name, transform, bs)
+
+    def _loader(self, name: str, transform: Callable, batch_size: int,
+                generator: torch.Generator | None = None) -> DataLoader:
+        workers = self.cfg["num_workers"]
+        return DataLoader(_Samples(*self._sets[name], transform), batch_size=batch_size,
+                          shuffle=generator is not None, generator=generator,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=self._root_device().type == "cuda")

@@ -1,0 +1,622 @@
+"""Find a dataset, decode it once, and hand it over as uint8 tensors.
+
+`load_dataset(cfg, cache_dir, seed)` returns a `TensorData`: the whole train and
+test sets as (N, C, H, W) uint8 tensors plus int64 labels. Everything after that
+(batching, normalisation, augmentation) happens on tensors, in `cnnlab.data`.
+
+Where the images come from, by `cfg["name"]`:
+
+    synthetic                   made in memory from the seed (tests, smoke runs)
+    cifar10 | mnist | fashion_mnist
+        0. `archive` when set (explicit beats found)
+        1. torchvision's layout under root (cifar-10-batches-py/, MNIST/raw/, FashionMNIST/raw/)
+        2. fashion_mnist only: Debian's copy in DEBIAN_FASHION_MNIST
+        3. an image tree root/<name>*/ or root itself (train/ and test/), else root/<name>*.tar.gz
+        4. torchvision's download into root, when `download` is true
+    folder                      an image tree: `archive` (.tar.gz) or root (train/ and test/)
+
+An image tree is train/<class>/<image> and test/<class>/<image>; class names are
+the sorted folder names of train/. Decoding 60k JPEGs takes seconds, so decoded
+trees are cached in cache_dir, keyed by the source's file list (or the archive's
+path, size and mtime). Archives are read in memory, never extracted (unpacking 60k
+small files costs more than decoding them), and unsafe members are refused.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import re
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnlab.errors import ConfigError
+
+# torch, torchvision, numpy and PIL are imported inside the functions that use them:
+# the trainer calls check_data_config before anything heavy, so a typo costs
+# milliseconds, not the two seconds `import torchvision` takes.
+if TYPE_CHECKING:
+    import torch
+
+DATA_NAMES = ("synthetic", "cifar10", "mnist", "fashion_mnist", "folder")
+VALIDATIONS = ("test", "split")
+NORMALIZATIONS = ("scale", "standardize")
+PIPELINES = ("memory", "loader")
+
+# Debian's `dataset-fashion-mnist` package; a module constant so tests can point it elsewhere.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+# torchvision's dataset class and the folder its layout lives in under root.
+_TORCHVISION = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py"),
+    "mnist": ("MNIST", "MNIST/raw"),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw"),
+}
+_IDX_FILES = {  # split -> (images, labels), the names torchvision and Debian share
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm",
+                   ".pgm"}
+_FAST_SUFFIXES = {".png", ".jpg", ".jpeg"}  # torchvision decodes these ~3x faster than PIL
+_CACHE_VERSION = "1"  # bump when the cached layout or decoding changes
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A whole dataset in memory."""
+
+    train_x: torch.Tensor  # (N, C, H, W) uint8
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor  # (M, C, H, W) uint8
+    test_y: torch.Tensor  # (M,) int64
+    classes: list[str]
+    source: str  # where it came from, for logs and run metadata
+
+    def fingerprint(self) -> str:
+        """First 16 hex digits of a sha256 over the shapes and bytes of the four tensors."""
+        digest = hashlib.sha256()
+        for tensor in (self.train_x, self.train_y, self.test_x, self.test_y):
+            array = tensor.detach().cpu().contiguous().numpy()
+            digest.update(f"{tuple(array.shape)}:{array.dtype};".encode())
+            digest.update(array.data)
+        return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def _get(cfg: Mapping[str, Any], key: str) -> Any:
+    if key not in cfg:
+        raise ConfigError(f"data.{key} is missing; see conf/data/cifar10.yaml for the schema")
+    return cfg[key]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(cfg: Mapping[str, Any], key: str, minimum: int, prefix: str = "data.") -> int:
+    value = _get(cfg, key)
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f"{prefix}{key}={value!r} is not allowed; it must be an integer "
+                          f">= {minimum}")
+    return value
+
+
+def _check_choice(cfg: Mapping[str, Any], key: str, allowed: Sequence[str]) -> str:
+    value = _get(cfg, key)
+    if value not in allowed:
+        raise ConfigError(f"data.{key}={value!r} is not allowed; use one of: {', '.join(allowed)}")
+    return value
+
+
+def check_data_config(cfg: Mapping[str, Any]) -> None:
+    """Raise ConfigError naming the first bad value in a data config; cheap, touches no files."""
+    name = _get(cfg, "name")
+    if name not in DATA_NAMES:
+        raise ConfigError(f"data.name={name!r} is unknown; use one of: {', '.join(DATA_NAMES)}")
+    shape = _get(cfg, "shape")
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+            or not all(_is_int(s) and s >= 1 for s in shape)):
+        raise ConfigError(f"data.shape={shape!r} is not allowed; it must be 3 positive integers "
+                          "[channels, height, width]")
+    _check_int(cfg, "num_classes", 2)
+    _check_int(cfg, "batch_size", 1)
+    _check_int(cfg, "eval_batch_size", 1)
+    _check_choice(cfg, "validation", VALIDATIONS)
+    fraction = _get(cfg, "val_fraction")
+    if not _is_number(fraction) or not 0 < fraction < 1:
+        raise ConfigError(f"data.val_fraction={fraction!r} is not allowed; it must be a number "
+                          "strictly between 0 and 1")
+    subset = _get(cfg, "subset")
+    if subset is not None and (not _is_int(subset) or subset < 1):
+        raise ConfigError(f"data.subset={subset!r} is not allowed; use null (all images) or an "
+                          "integer >= 1")
+    # mean/std are read only by `standardize`; checking them under `scale` would make
+    # data.shape=[1,...] overrides fail on an unused 3-channel default.
+    if _check_choice(cfg, "normalize", NORMALIZATIONS) == "standardize":
+        for key in ("mean", "std"):
+            values = _get(cfg, key)
+            if (not isinstance(values, (list, tuple)) or len(values) != shape[0]
+                    or not all(_is_number(v) for v in values)):
+                raise ConfigError(f"data.{key}={values!r} is not allowed; normalize=standardize "
+                                  f"needs {shape[0]} numbers, one per channel of "
+                                  f"data.shape={list(shape)}")
+        if not all(v > 0 for v in cfg["std"]):
+            raise ConfigError(f"data.std={cfg['std']!r} is not allowed; every entry must be > 0")
+    augment = _get(cfg, "augment")
+    if not isinstance(augment, Mapping):
+        raise ConfigError(f"data.augment={augment!r} is not allowed; it must be a mapping with "
+                          "crop_padding and hflip")
+    _check_int(augment, "crop_padding", 0, prefix="data.augment.")
+    hflip = augment.get("hflip")
+    if not isinstance(hflip, bool):
+        raise ConfigError(f"data.augment.hflip={hflip!r} is not allowed; use true or false")
+    _check_choice(cfg, "pipeline", PIPELINES)
+    _check_int(cfg, "num_workers", 0)
+    download = _get(cfg, "download")
+    if not isinstance(download, bool):
+        raise ConfigError(f"data.download={download!r} is not allowed; use true or false")
+    for key in ("root", "archive"):
+        value = _get(cfg, key)
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(f"data.{key}={value!r} is not allowed; it must be a path or null")
+    if name == "synthetic":
+        _check_int(cfg, "n_train", 1)
+        _check_int(cfg, "n_test", 1)
+        noise = _get(cfg, "noise")
+        if not _is_number(noise) or noise < 0:
+            raise ConfigError(f"data.noise={noise!r} is not allowed; it must be a number >= 0")
+    elif name == "folder":
+        if cfg["archive"] is None and cfg["root"] is None:
+            raise ConfigError("data=folder needs data.root=DIR (with train/ and test/) or "
+                              "data.archive=FILE.tar.gz")
+    elif cfg["root"] is None:
+        raise ConfigError(f"data.root is null; data={name} needs a folder to look in and "
+                          "download to")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_dataset(cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> TensorData:
+    """Check `cfg`, find and decode the dataset, apply `subset`, and check the result."""
+    check_data_config(cfg)
+    name = cfg["name"]
+    shape = tuple(cfg["shape"])
+    cache_dir = Path(cache_dir)
+    if name == "synthetic":
+        data = _synthetic(shape, cfg["num_classes"], cfg["n_train"], cfg["n_test"],
+                          float(cfg["noise"]), seed)
+    elif name == "folder":
+        data = _folder(cfg, cache_dir)
+    else:
+        data = _named(cfg, cache_dir)
+    _check_data(data, shape, cfg["num_classes"])
+    if cfg["subset"] is not None:
+        data = _subset(data, cfg["subset"], seed)
+    return data
+
+
+def _check_data(data: TensorData, shape: tuple[int, ...], num_classes: int) -> None:
+    for split, x, y in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
+        if len(x) == 0:
+            raise ConfigError(f"the {split} set from {data.source} is empty")
+        if tuple(x.shape[1:]) != shape:
+            raise ConfigError(f"{data.source} has {split} images of shape {list(x.shape[1:])} "
+                              f"(channels, height, width) but data.shape={list(shape)}")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_classes:
+            raise ConfigError(f"{data.source} has {split} labels in [{low}, {high}] but "
+                              f"data.num_classes={num_classes} allows [0, {num_classes - 1}]")
+    if len(data.classes) != num_classes:
+        raise ConfigError(f"{data.source} has {len(data.classes)} classes but "
+                          f"data.num_classes={num_classes}")
+
+
+def _subset(data: TensorData, subset: int, seed: int) -> TensorData:
+    import torch
+
+    n = len(data.train_x)
+    if subset > n:
+        raise ConfigError(f"data.subset={subset} is larger than the {n} training images of "
+                          f"{data.source}; use at most {n} or null")
+    # A seeded shuffle first, so the kept images mix all classes even when the
+    # source is sorted by class (image trees are); sorted back to keep source order.
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:subset].sort().values
+    return TensorData(data.train_x[keep], data.train_y[keep], data.test_x, data.test_y,
+                      data.classes, f"{data.source} (subset {subset})")
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _synthetic(shape: tuple[int, ...], num_classes: int, n_train: int, n_test: int,
+               noise: float, seed: int) -> TensorData:
+    import torch
+    import torch.nn.functional as F
+
+    channels, height, width = shape
+    gen = torch.Generator().manual_seed(seed)
+    # Smooth patterns (a coarse random grid, upsampled) rather than per-pixel noise,
+    # so convolutions and pooling see structure and class colours differ.
+    coarse = torch.rand((num_classes, channels, max(1, height // 4), max(1, width // 4)),
+                        generator=gen)
+    patterns = F.interpolate(coarse, size=(height, width), mode="bilinear",
+                             align_corners=False) * 255  # (K, C, H, W) float in [0, 255]
+    spread = patterns.flatten(1).std(dim=1).view(-1, 1, 1, 1)  # (K, 1, 1, 1)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]  # (n,) balanced
+        images = patterns[labels] + torch.randn((n, *shape), generator=gen) * noise * spread[labels]
+        return images.round().clamp(0, 255).to(torch.uint8), labels.to(torch.int64)
+
+    train_x, train_y = draw(n_train)
+    test_x, test_y = draw(n_test)
+    classes = [f"class{i}" for i in range(num_classes)]
+    return TensorData(train_x, train_y, test_x, test_y, classes, f"synthetic (seed {seed})")
+
+
+# --------------------------------------------------------------------------- named datasets
+
+
+def _named(cfg: Mapping[str, Any], cache_dir: Path) -> TensorData:
+    import torchvision
+
+    name = cfg["name"]
+    root = Path(cfg["root"]).expanduser()
+    shape = tuple(cfg["shape"])
+    # An archive named on the command line is what the user asked for: it wins.
+    if cfg["archive"] is not None:
+        return _from_archive(Path(cfg["archive"]).expanduser(), name, shape, cache_dir)
+    looked: list[str] = []
+
+    # 1. torchvision's own layout.
+    class_name, folder = _TORCHVISION[name]
+    tv_dir = root / folder
+    looked.append(f"{tv_dir} (torchvision's layout)")
+    if tv_dir.is_dir():
+        if name == "cifar10":
+            return _from_torchvision(name, root, download=False)
+        # torchvision wants the unpacked IDX files; a raw/ holding only the .gz files
+        # (as downloaded, or copied from Debian) is read directly instead.
+        if all((tv_dir / f).is_file() for pair in _IDX_FILES.values() for f in pair):
+            return _from_torchvision(name, root, download=False)
+        if _has_idx_gz(tv_dir):
+            return _from_idx_gz(tv_dir, getattr(torchvision.datasets, class_name).classes)
+
+    # 2. Debian's package (fashion_mnist only).
+    if name == "fashion_mnist":
+        looked.append(f"{DEBIAN_FASHION_MNIST} (Debian's dataset-fashion-mnist)")
+        if _has_idx_gz(DEBIAN_FASHION_MNIST):
+            return _from_idx_gz(DEBIAN_FASHION_MNIST, torchvision.datasets.FashionMNIST.classes)
+
+    # 3. An image tree, or an archive of one.
+    matches = sorted(p for p in root.iterdir() if _matches(p, name)) if root.is_dir() else []
+    looked.append(f"{root}/{name}*/ (image tree train/, test/)")
+    for path in matches:
+        if path.is_dir() and _is_tree(path):
+            return _from_tree(path, name, shape, cache_dir)
+    looked.append(f"{root}/ (image tree train/, test/)")
+    if _is_tree(root):
+        return _from_tree(root, name, shape, cache_dir)
+    looked.append(f"{root}/{name}*.tar.gz (image tree archive)")
+    for path in matches:
+        if path.is_file() and path.name.endswith(".tar.gz"):
+            return _from_archive(path, name, shape, cache_dir)
+
+    # 4. Download.
+    if cfg["download"]:
+        return _from_torchvision(name, root, download=True, looked=looked)
+    raise ConfigError(
+        f"no local copy of {name} found; looked in: {'; '.join(looked)}. Point cnnlab at one "
+        "with data.root=DIR (torchvision's layout, or an image tree train/<class>/*, "
+        "test/<class>/*) or data.archive=FILE.tar.gz, or set data.download=true")
+
+
+def _matches(path: Path, name: str) -> bool:
+    """root/cifar10-jpg, root/Fashion-MNIST, root/cifar10.tar.gz match; root/cifar100 does not."""
+    stem = path.name.lower().removesuffix(".tar.gz")
+    pattern = re.escape(name).replace("_", "[-_]?")
+    return re.fullmatch(f"{pattern}(?:[-_.].*)?", stem) is not None
+
+
+def _from_torchvision(name: str, root: Path, download: bool,
+                      looked: Sequence[str] = ()) -> TensorData:
+    import torchvision
+
+    class_name, folder = _TORCHVISION[name]
+    cls = getattr(torchvision.datasets, class_name)  # looked up late so tests can stub it
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        if not download:
+            raise ConfigError(f"torchvision could not read {name} from {root / folder}: {err}; "
+                              "remove the folder or replace its files") from err
+        raise ConfigError(f"no local copy of {name} found (looked in: {'; '.join(looked)}) and "
+                          f"torchvision's download into {root} failed: {err}. Point cnnlab at a "
+                          "local copy with data.root=DIR or data.archive=FILE.tar.gz") from err
+    source = f"torchvision {'download into ' if download else ''}{root / folder}"
+    return TensorData(*_tv_tensors(train), *_tv_tensors(test), list(cls.classes), source)
+
+
+def _tv_tensors(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    x = torch.as_tensor(dataset.data)  # CIFAR: (N, H, W, C) numpy; MNIST: (N, H, W) tensor
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    y = torch.as_tensor(dataset.targets, dtype=torch.int64)
+    return x.to(torch.uint8).contiguous(), y  # (N, C, H, W) uint8, (N,) int64
+
+
+def _has_idx_gz(folder: Path) -> bool:
+    return all((folder / f"{f}.gz").is_file() for pair in _IDX_FILES.values() for f in pair)
+
+
+def _from_idx_gz(folder: Path, classes: Sequence[str]) -> TensorData:
+    import torch
+
+    tensors = []
+    for images, labels in _IDX_FILES.values():
+        x = _read_idx(folder / f"{images}.gz")
+        y = _read_idx(folder / f"{labels}.gz")
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ConfigError(f"{folder}: {images}.gz has shape {list(x.shape)} and {labels}.gz "
+                              f"{list(y.shape)}; expected (N, H, W) images and N labels")
+        tensors += [x.unsqueeze(1).contiguous(), y.to(torch.int64)]  # (N, 1, H, W) uint8, (N,)
+    return TensorData(*tensors, list(classes), f"IDX files in {folder}")
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """Parse a gzip IDX file of unsigned bytes (the MNIST format)."""
+    import numpy as np
+    import torch
+
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
+        raise ConfigError(f"cannot read {path}: {err}; replace the file") from err
+    # Header: two zero bytes, a type code (0x08 = unsigned byte), the number of
+    # dimensions, then each dimension as a big-endian int32.
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ConfigError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4).tolist() if ndim else []
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ConfigError(f"{path} holds {body.size} bytes but its header says {dims}; "
+                          "the file is truncated or corrupt")
+    return torch.from_numpy(body.reshape(dims).copy())
+
+
+# --------------------------------------------------------------------------- image trees
+
+
+def _folder(cfg: Mapping[str, Any], cache_dir: Path) -> TensorData:
+    shape = tuple(cfg["shape"])
+    if cfg["archive"] is not None:
+        return _from_archive(Path(cfg["archive"]).expanduser(), "folder", shape, cache_dir)
+    root = Path(cfg["root"]).expanduser()
+    if not _is_tree(root):
+        raise ConfigError(f"data.root={root} has no train/ and test/ folders; data=folder needs "
+                          "train/<class>/* and test/<class>/* there, or data.archive=FILE.tar.gz")
+    return _from_tree(root, "folder", shape, cache_dir)
+
+
+def _is_tree(path: Path) -> bool:
+    return (path / "train").is_dir() and (path / "test").is_dir()
+
+
+# A listing of an image tree: split -> class -> [(name shown in errors, key to read it)].
+Listing = dict[str, dict[str, list[tuple[str, str]]]]
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in _IMAGE_SUFFIXES
+
+
+def _check_listing(listing: Listing, where: str) -> list[str]:
+    """Return the classes; raise on a missing or empty class folder."""
+    classes = sorted(listing["train"])
+    if not classes:
+        raise ConfigError(f"{where}/train has no class folders; expected train/<class>/<image>")
+    for split in ("train", "test"):
+        for cls in classes:
+            if cls not in listing[split]:
+                raise ConfigError(f"class {cls!r} is in {where}/train but missing from "
+                                  f"{where}/{split}; both need the same class folders")
+            if not listing[split][cls]:
+                raise ConfigError(f"class folder {where}/{split}/{cls} has no images")
+        extra = sorted(set(listing[split]) - set(classes))
+        if extra:
+            raise ConfigError(f"class {extra[0]!r} is in {where}/{split} but missing from "
+                              f"{where}/train; both need the same class folders")
+    return classes
+
+
+def _from_tree(root: Path, name: str, shape: tuple[int, ...], cache_dir: Path) -> TensorData:
+    listing: Listing = {}
+    key = hashlib.sha256(f"{_CACHE_VERSION}:{shape[0]}:{root.resolve()}".encode())
+    for split in ("train", "test"):
+        listing[split] = {}
+        for folder in sorted(p for p in (root / split).iterdir()
+                             if p.is_dir() and not p.name.startswith(".")):
+            files = []
+            with os.scandir(folder) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    if entry.is_file() and _is_image(entry.name):
+                        stat = entry.stat()
+                        # name, size and mtime: an edited or replaced image invalidates the cache
+                        key.update(f"{split}/{folder.name}/{entry.name}:{stat.st_size}:"
+                                   f"{stat.st_mtime_ns};".encode())
+                        files.append((entry.path, entry.path))
+            listing[split][folder.name] = files
+    classes = _check_listing(listing, str(root))
+    cache = cache_dir / f"{name}-{key.hexdigest()[:16]}.pt"
+    if cache.is_file():
+        return _load_cache(cache, str(root))
+    data = _decode_listing(listing, classes, lambda path: Path(path).read_bytes(), shape,
+                           str(root))
+    _save_cache(cache, data)
+    return data
+
+
+def _from_archive(path: Path, name: str, shape: tuple[int, ...], cache_dir: Path) -> TensorData:
+    if not path.is_file():
+        raise ConfigError(f"data.archive={path} does not exist; give an image-tree .tar.gz")
+    stat = path.stat()
+    key = hashlib.sha256(f"{_CACHE_VERSION}:{shape[0]}:{path.resolve()}:{stat.st_size}:"
+                         f"{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = cache_dir / f"{name}-{key}.pt"
+    if cache.is_file():
+        return _load_cache(cache, str(path))
+    members = _read_archive(path)
+    prefix = _archive_root(members, path)
+    listing = _archive_listing(members, prefix, path)
+    classes = _check_listing(listing, f"{path}:{prefix.rstrip('/') or '.'}")
+    data = _decode_listing(listing, classes, members.__getitem__, shape, str(path))
+    _save_cache(cache, data)
+    return data
+
+
+def _read_archive(path: Path) -> dict[str, bytes]:
+    """Every regular file in a .tar.gz by member name; folders appear as 'name/': b''."""
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:  # streaming: one pass over the gzip
+                # Nothing is extracted, yet a member that extractall(filter="data") would
+                # refuse is refused here too (absolute, '..', links, devices), so a tree
+                # that loads here also unpacks safely elsewhere.
+                if member.name.startswith("/") or ".." in member.name.split("/"):
+                    raise ConfigError(f"{path} has an unsafe member {member.name!r} (absolute or "
+                                      "with '..'); refusing to read it")
+                if member.isdir():
+                    members[member.name.rstrip("/") + "/"] = b""
+                elif member.isfile():
+                    members[member.name] = tar.extractfile(member).read()
+                else:
+                    raise ConfigError(f"{path} member {member.name!r} is a link or special "
+                                      "file; an image tree archive must hold plain files only")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise ConfigError(f"{path} is not a readable .tar.gz (truncated or corrupt?): {err}; "
+                          "replace the file") from err
+    return members
+
+
+def _archive_root(members: Mapping[str, bytes], path: Path) -> str:
+    """The folder inside the archive holding train/ and test/: '' or 'top/'."""
+    tops = {name.split("/", 1)[0] for name in members}
+    if {"train", "test"} <= tops:
+        return ""
+    if len(tops) == 1:
+        top = tops.pop()
+        if {"train", "test"} <= {name.split("/")[1] for name in members if name.count("/") > 1}:
+            return top + "/"
+    raise ConfigError(f"{path} holds no train/ and test/ folders at its top or inside one "
+                      "top folder; expected [top/]train/<class>/*, [top/]test/<class>/*")
+
+
+def _archive_listing(members: Mapping[str, bytes], prefix: str, path: Path) -> Listing:
+    listing: Listing = {"train": {}, "test": {}}
+    for name in sorted(members):
+        if not name.startswith(prefix):
+            continue
+        parts = name[len(prefix):].rstrip("/").split("/")
+        if len(parts) < 2 or parts[0] not in listing or parts[1].startswith("."):
+            continue
+        files = listing[parts[0]].setdefault(parts[1], [])  # a folder entry alone: empty class
+        if len(parts) == 3 and not name.endswith("/") and _is_image(parts[2]):
+            files.append((f"{path}:{name}", name))
+    return listing
+
+
+def _decode_listing(listing: Listing, classes: list[str], read: Callable[[str], bytes],
+                    shape: tuple[int, ...], source: str) -> TensorData:
+    import torch
+
+    if shape[0] not in (1, 3):
+        raise ConfigError(f"data.shape={list(shape)} cannot be decoded from images; the first "
+                          "entry (channels) must be 1 (grayscale) or 3 (RGB)")
+    tensors = []
+    for split in ("train", "test"):
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            for shown, key in listing[split][cls]:
+                image = _decode(read(key), shown, shape[0])  # (C, H, W) uint8
+                if tuple(image.shape) != shape:
+                    raise ConfigError(f"image {shown} has shape {list(image.shape)} (channels, "
+                                      f"height, width) but data.shape={list(shape)}")
+                images.append(image)
+                labels.append(label)
+        tensors += [torch.stack(images), torch.tensor(labels, dtype=torch.int64)]
+    return TensorData(*tensors, classes, source)
+
+
+def _decode(raw: bytes, shown: str, channels: int) -> torch.Tensor:
+    """One encoded image -> (C, H, W) uint8; an unreadable image names its file."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        if os.path.splitext(shown)[1].lower() in _FAST_SUFFIXES:
+            mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+            image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=mode)
+        else:
+            with Image.open(io.BytesIO(raw)) as pil:
+                array = np.asarray(pil.convert("RGB" if channels == 3 else "L"))
+            array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+            image = torch.from_numpy(array.copy())  # (C, H, W) uint8
+    except (RuntimeError, OSError, UnidentifiedImageError, ValueError) as err:
+        reason = ("not a recognised image format" if isinstance(err, UnidentifiedImageError)
+                  else re.sub(r"^.*?\.cpp:\d+, ", "", str(err).strip().splitlines()[-1]))
+        raise ConfigError(f"cannot decode image {shown}: {reason}; remove or replace it") from err
+    if image.dtype != torch.uint8:  # torchvision keeps 16-bit PNGs 16-bit
+        raise ConfigError(f"image {shown} decodes to {image.dtype}; only 8-bit images are "
+                          "supported")
+    return image
+
+
+def _load_cache(cache: Path, source: str) -> TensorData:
+    import torch
+
+    try:
+        saved = torch.load(cache, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ConfigError(f"decoded cache {cache} is unreadable ({err}); delete it and the "
+                          "next run decodes the images again") from err
+    return TensorData(saved["train_x"], saved["train_y"], saved["test_x"], saved["test_y"],
+                      list(saved["classes"]), f"{source} (decoded cache {cache.name})")
+
+
+def _save_cache(cache: Path, data: TensorData) -> None:
+    import torch
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # Temp file + rename: a crash or a parallel run never leaves a half-written cache.
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x,
+                    "test_y": data.test_y, "classes": list(data.classes)}, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; other runs and users read it too
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
