@@ -9,10 +9,10 @@ DATA_ARGS ?= $(if $(CIFAR_ARCHIVE),data.archive=$(abspath $(CIFAR_ARCHIVE)))
 
 .PHONY: install train summary test test-slow bench lint ui clean
 
+# torch/torchvision first, pinned to the pair that lies on the team's machines' disk.
 $(BIN)/cnnlab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch/torchvision first, pinned to the pair on the team's machines' disk.
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@

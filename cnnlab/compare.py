@@ -245,6 +245,8 @@ def _pairs(runs: pd.DataFrame, metric: str) -> list[dict]:
         if reference not in by_seed or other not in by_seed:
             continue
         shared = by_seed[[reference, other]].dropna()
+        if len(shared) < 2:  # no paired test on fewer than 2 shared seeds
+            continue
         out.append({"a": reference, "b": other, **paired(shared[reference].to_numpy(),
                                                          shared[other].to_numpy())})
     return out

@@ -75,6 +75,18 @@ def test_a_failing_sweep_point_is_a_failed_child_and_the_sweep_goes_on(tmp_path)
     assert any("kernels=[17]: 2 run(s) FAILED" in w and "17x17" in w for w in result.warnings)
 
 
+def test_optuna_sweeper_preset_runs_trials_as_children(tmp_path):
+    done = _sweep(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Best value:" in done.stderr + done.stdout
+    runs = _all_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.tags["sweep.sweeper"] == "OptunaSweeper" and len(children) == 2
+    assert {"optim.lr", "model.dropout", "model.widths"} <= set(parent.data.tags["sweep.keys"].split(","))
+    assert len({c.data.params["optim.lr"] for c in children}) == 2  # Optuna chose two rates
+
+
 def _log(client: MlflowClient, experiment_id: str, variant: str, seed: int, acc: float,
          test: float, layers: str = "conv:6:5:same") -> None:
     run = client.create_run(experiment_id)

@@ -1,0 +1,122 @@
+"""Seconds per epoch of the chapter's baseline: cnnlab (tracking on, off) vs a hand-written loop.
+
+All three run in this one process, interleaved (A B C A B C ...), on the same
+data (CIFAR-10 copy, batch 32) and the same model, so the machine's noise
+hits them alike. Each repeat trains `--epochs` epochs and keeps the last
+epoch's time (the first pays one-off warm-up). An epoch is one pass over the
+training set plus one evaluation pass over the test set, for all three.
+
+    python benchmarks/epoch_time.py                     # full CIFAR-10 copy
+    python benchmarks/epoch_time.py --subset 10000      # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cnnlab.artifacts import read_history  # noqa: E402
+from cnnlab.build import build  # noqa: E402
+from cnnlab.config import compose, model_plan  # noqa: E402
+from cnnlab.data import TensorBatches  # noqa: E402
+from cnnlab.datasets import load_dataset  # noqa: E402
+from cnnlab.optim import make_optimizer  # noqa: E402
+from cnnlab.train import train  # noqa: E402
+
+ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+
+
+def overrides(args, runs: Path, *extra: str) -> list[str]:
+    return [f"paths.runs={runs}", f"data.archive={args.archive}", f"trainer.max_epochs={args.epochs}",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "tracking.log_model=false",
+            *([f"data.subset={args.subset}"] if args.subset else []), *extra]
+
+
+def cnnlab_epoch(args, runs: Path, tracking: bool, repeat: int) -> float:
+    cfg = compose(overrides(args, runs, f"tracking.enabled={str(tracking).lower()}",
+                            f"tracking.run_name=bench-{tracking}-{repeat}", f"seed={repeat}"))
+    train(cfg)
+    folder = runs / "outputs" / "cnnlab" / f"bench-{tracking}-{repeat}"
+    return read_history(folder / "history.jsonl")[-1]["seconds"]
+
+
+def hand_loop_epoch(args, runs: Path, repeat: int) -> float:
+    """What a researcher would write by hand: same model, same batches, no framework."""
+    cfg = compose(overrides(args, runs, f"seed={repeat}"))
+    data = load_dataset(OmegaConf.to_container(cfg.data, resolve=True), runs / "cache", repeat)
+    torch.manual_seed(repeat)
+    net = build(model_plan(cfg).analysis, logits=True)
+    optimizer = make_optimizer(net.parameters(), dict(cfg.optim))
+    epoch = 0
+    batches = TensorBatches(data.train_x, data.train_y, 32, shuffle=True, seed=repeat,
+                            epoch=lambda: epoch)
+    tests = TensorBatches(data.test_x, data.test_y, 1000)
+    seconds = 0.0
+    for epoch in range(args.epochs):
+        start = time.perf_counter()
+        net.train()
+        for x, y in batches:
+            loss = F.cross_entropy(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in tests:
+                correct += (net(x).argmax(1) == y).sum().item()
+        seconds = time.perf_counter() - start
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--archive", default=str(ARCHIVE))
+    parser.add_argument("--subset", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if not Path(args.archive).is_file():
+        sys.exit(f"error: no CIFAR-10 archive at {args.archive}; pass --archive FILE.tar.gz")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("cnnlab").setLevel(logging.WARNING)
+    times: dict[str, list[float]] = {"cnnlab, tracking on": [], "cnnlab, tracking off": [],
+                                     "hand-written loop": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = Path(tmp)
+        for repeat in range(args.repeats):
+            times["cnnlab, tracking on"].append(cnnlab_epoch(args, runs, True, repeat))
+            times["cnnlab, tracking off"].append(cnnlab_epoch(args, runs, False, repeat))
+            times["hand-written loop"].append(hand_loop_epoch(args, runs, repeat))
+            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+                f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    hand = statistics.median(times["hand-written loop"])
+    on, off = statistics.median(times["cnnlab, tracking on"]), statistics.median(times["cnnlab, tracking off"])
+    n = args.subset or 50_000
+    print(f"\nbaseline, batch 32, {n} train + 10000 test images, torch threads {torch.get_num_threads()}, "
+          f"last of {args.epochs} epochs per repeat, {args.repeats} repeats, interleaved\n")
+    print(f"| {'what':<22} | median s/epoch | min-max s | ratio |")
+    print(f"|{'-' * 24}|----------------|-----------|-------|")
+    for name, values in times.items():
+        ratio = statistics.median(values) / hand
+        print(f"| {name:<22} | {statistics.median(values):14.2f} | {min(values):.2f}-{max(values):.2f} "
+              f"| {ratio:5.3f} |")
+    print(f"\nframework overhead (cnnlab tracking off / hand loop): {off / hand:.3f}")
+    print(f"tracking overhead (cnnlab tracking on / off):         {on / off:.3f}")
+
+
+if __name__ == "__main__":
+    main()
