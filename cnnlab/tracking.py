@@ -165,8 +165,14 @@ class Tracker:
         with_retries(lambda: self.client.update_run(run_id, status="RUNNING"))
         return True
 
-    def status(self) -> str:
-        return self.client.get_run(self.run_id).info.status
+    def run_status(self, run_id: str) -> str | None:
+        """FINISHED, FAILED, RUNNING ...; None when the store does not have the run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.status
+        except MlflowException:
+            return None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param

@@ -26,7 +26,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 # Overrides that do not change what is trained, left out of run names.
 NOT_IN_NAME = ("paths.", "ckpt_path", "tracking.", "trainer.enable_progress_bar", "hydra",
-               "data.root", "data.archive", "data.download")
+               "trainer.max_epochs", "data.root", "data.archive", "data.download")
 
 
 def check_trainer_config(cfg: Mapping[str, Any]) -> None:
@@ -108,6 +108,16 @@ def _threads(configured: int | None) -> int | None:
     return max(cores // jobs, 1)
 
 
+def _one_log_stream() -> None:
+    """The `lightning` package prints through its own console handler *and* propagates to
+    the root logger; under Hydra (which owns the root handlers and the job's log file) every
+    Lightning line came out twice. Keep the root's copy, which also reaches the log file."""
+    if logging.getLogger().handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in list(lightning_logger.handlers):
+            lightning_logger.removeHandler(handler)
+
+
 def _container(node: Any) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
@@ -150,6 +160,20 @@ def _trainer(cfg: DictConfig, run_dir: Path, logger, checkpoint):
     )
 
 
+def _already_complete(checkpoint: Path | None, max_epochs: int) -> float | None:
+    """The best monitored value, if this checkpoint already finished max_epochs; else None."""
+    import torch
+
+    if checkpoint is None:
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state["epoch"] + 1 < max_epochs:  # "epoch" is the 0-based index of the last one trained
+        return None
+    scores = [s["best_model_score"] for k, s in state.get("callbacks", {}).items()
+              if k.startswith("ModelCheckpoint") and s.get("best_model_score") is not None]
+    return float(scores[0]) if scores else None
+
+
 def _resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
@@ -184,6 +208,7 @@ def train(cfg: DictConfig) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_point(cfg, run_dir)
 
+    _one_log_stream()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     network = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps,
                     logits=True)
@@ -197,8 +222,13 @@ def train(cfg: DictConfig) -> float:
         check_tracking(uri, cfg.tracking.timeout_s)
         tracker = Tracker(uri, runs)
         id_file = run_dir / "mlflow_run_id"
-        resumed = id_file.is_file() and resume_from is not None and tracker.resume(
-            id_file.read_text().strip())
+        previous = id_file.read_text().strip() if id_file.is_file() else None
+        done = _already_complete(resume_from, cfg.trainer.max_epochs) if previous else None
+        if done is not None and tracker.run_status(previous) == "FINISHED":
+            log.info("run %s already trained %d epochs (MLflow run %s); raise trainer.max_epochs "
+                     "to continue it", name, cfg.trainer.max_epochs, previous)
+            return done
+        resumed = previous is not None and resume_from is not None and tracker.resume(previous)
         if not resumed:
             # The embedded store keeps artifacts beside it; a server decides for itself.
             artifacts = ((runs / "mlartifacts" / slug(cfg.tracking.experiment)).as_uri()

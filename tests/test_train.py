@@ -43,7 +43,8 @@ def trained(tmp_path_factory):
     history = {k: [m.step for m in _client(runs).get_metric_history(run.info.run_id, k)]
                for k in ("train/loss", "val/acc")}
     second = train(_cfg(runs, "trainer.max_epochs=3"))
-    return runs, run, history, first, second
+    third = train(_cfg(runs, "trainer.max_epochs=3"))  # nothing left to do
+    return runs, run, history, first, (second, third)
 
 
 def test_one_finished_run_with_params_tags_and_metrics(trained):
@@ -107,7 +108,10 @@ def test_running_again_resumes_the_same_run(trained):
     assert steps == sorted(steps)
     history = (Path(run.data.tags["run_dir"]) / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3]
-    assert isinstance(second, float)
+    # The same command once more: already complete, so nothing is trained or logged again.
+    assert second[1] == pytest.approx(second[0])
+    test_steps = _client(runs).get_metric_history(run.info.run_id, "test/acc")
+    assert len(test_steps) == 2  # one test after each of the two real trainings
 
 
 def test_missing_dataset_is_a_clear_error_before_any_run(tmp_path):
