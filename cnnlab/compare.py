@@ -258,6 +258,7 @@ def plot(result: Comparison, uri: str, folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     client = _client(uri)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -273,6 +274,7 @@ def plot(result: Comparison, uri: str, folder: Path) -> list[Path]:
         ax.plot(epochs, mean, marker="o", label=f"{variant} (n={len(curves)})")
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -162,3 +162,42 @@ def test_command_line_run_and_bad_input_exit_codes(tmp_path):
     bad = subprocess.run(cmd + ["optim.lr=0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: optim.lr")
     assert len(_runs(tmp_path)) == 1  # neither bad command created a run
+
+
+def _tree(root: Path, classes=("cat", "dog"), size=16) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (size, size), (index * 100, i * 40, 0)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda t: (t / "train" / "dog" / "1.png").write_bytes(b"not an image"), "1.png"),
+    (lambda t: [p.unlink() for p in (t / "test" / "dog").iterdir()] and (t / "test" / "dog").rmdir(),
+     "dog"),
+    (lambda t: [p.unlink() for p in (t / "train" / "cat").iterdir()], "cat"),
+])
+def test_bad_image_trees_fail_before_any_run(tmp_path, damage, fragment):
+    tree = _tree(tmp_path / "tree")
+    damage(tree)
+    cfg = compose(["data=folder", f"data.root={tree}", "data.shape=[3,16,16]", "data.num_classes=2",
+                   f"paths.runs={tmp_path / 'runs'}"])
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    assert fragment in str(info.value)
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_folder_dataset_trains(tmp_path):
+    tree = _tree(tmp_path / "tree")
+    train(compose(["data=folder", f"data.root={tree}", "data.shape=[3,16,16]", "data.num_classes=2",
+                   f"paths.runs={tmp_path / 'runs'}", "trainer.max_epochs=1", "tracking.log_model=false",
+                   "model.widths=[2]", "model.dense=[4]", "trainer.enable_progress_bar=false"]))
+    (run,) = _runs(tmp_path / "runs")
+    assert run.info.status == "FINISHED" and run.data.params["data.name"] == "folder"
+    assert str(tree) in run.data.params["data.source"]
