@@ -10,7 +10,9 @@ plots are logged to the parent.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("cnnlab")
 
-PARENT_FILE = "mlflow_parent_run_id"
+PARENT_FILE = "mlflow_parent_run_id"  # the sweep running now
+PARENTS_FILE = "mlflow_parent_runs.json"  # sweep command -> its parent run, for relaunches
 
 
 def swept_keys(config: DictConfig) -> dict[str, str]:
@@ -36,8 +39,25 @@ def swept_keys(config: DictConfig) -> dict[str, str]:
 
 
 def parent_run_id(sweep_dir: Path) -> str | None:
+    """The parent run of the sweep running now in this folder (jobs read it)."""
     path = sweep_dir / PARENT_FILE
     return path.read_text().strip() if path.is_file() else None
+
+
+def sweep_key(config: DictConfig) -> str:
+    """The sweep command's task overrides, sorted: equal for a relaunch of the same sweep."""
+    return " ".join(sorted(config.hydra.overrides.task)) or "(no overrides)"
+
+
+def _parents(sweep_dir: Path) -> dict[str, str]:
+    path = sweep_dir / PARENTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _tracker(config: DictConfig):
@@ -72,9 +92,13 @@ class MlflowSweep(Callback):
         tracker, runs = _tracker(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        existing = parent_run_id(sweep_dir)
-        if existing and tracker.resume(existing):
-            log.info("sweep continues its MLflow parent run %s", existing)
+        key = sweep_key(config)
+        known = _parents(sweep_dir)
+        if key in known and tracker.resume(known[key]):
+            # The same sweep command again: its finished jobs are skipped, unfinished ones
+            # resume from their checkpoints, all under the parent they had.
+            (sweep_dir / PARENT_FILE).write_text(known[key])
+            log.info("sweep continues its MLflow parent run %s", known[key])
             return
         varying = swept_keys(config)
         launcher = OmegaConf.select(config, "hydra.launcher._target_") or "?"
@@ -90,6 +114,7 @@ class MlflowSweep(Callback):
                             "sweep.launcher": launcher, "sweep.sweeper": sweeper,
                             **{f"sweep.grid.{k}": v for k, v in varying.items()}})
         (sweep_dir / PARENT_FILE).write_text(tracker.run_id)
+        write_atomic(sweep_dir / PARENTS_FILE, json.dumps({**known, key: tracker.run_id}, indent=1))
         log.info("sweep parent MLflow run %s", tracker.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

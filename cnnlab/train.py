@@ -84,7 +84,9 @@ def _sweep_tags(overrides: list[str]) -> dict[str, str]:
     if not _in_multirun():
         return {}
     tags = {f"knob.{k.lstrip('+~')}": v for k, _, v in (o.partition("=") for o in overrides)}
-    parent = parent_run_id(Path(HydraConfig.get().sweep.dir))
+    # The job's output dir is <sweep dir>/<subdir>, resolved by the launcher in the
+    # launching process; re-resolving sweep.dir in a worker process could differ.
+    parent = parent_run_id(Path(HydraConfig.get().runtime.output_dir).parent)
     return {**tags, "mlflow.parentRunId": parent} if parent else tags
 
 

@@ -75,6 +75,18 @@ def test_a_failing_sweep_point_is_a_failed_child_and_the_sweep_goes_on(tmp_path)
     assert any("kernels=[17]: 2 run(s) FAILED" in w and "17x17" in w for w in result.warnings)
 
 
+def test_relaunching_the_same_sweep_trains_nothing_twice(tmp_path):
+    for _ in range(2):
+        done = _sweep(tmp_path, "seed=0,1", "tracking.experiment=again")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("already trained 1 epochs") == 2
+    runs = _all_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    children = [r for r in runs if r.data.tags.get("sweep") != "parent"]
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+
+
 def test_optuna_sweeper_preset_runs_trials_as_children(tmp_path):
     done = _sweep(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2")
     assert done.returncode == 0, done.stderr[-3000:]
