@@ -79,7 +79,7 @@ def test_relaunching_the_same_sweep_trains_nothing_twice(tmp_path):
     for _ in range(2):
         done = _sweep(tmp_path, "seed=0,1", "tracking.experiment=again")
         assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr.count("already trained 1 epochs") == 2
+    assert (done.stdout + done.stderr).count("already trained 1 epochs") == 2
     runs = _all_runs(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
     children = [r for r in runs if r.data.tags.get("sweep") != "parent"]
