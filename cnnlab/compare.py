@@ -273,30 +273,29 @@ def plot(result: Comparison, uri: str, folder: Path) -> list[Path]:
         mean, std = values.mean(axis=0), values.std(axis=0)
         ax.plot(epochs, mean, marker="o", label=f"{variant} (n={len(curves)})")
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    curves_png = folder / "val_acc_per_epoch.png"
-    fig.savefig(curves_png, dpi=100)
-    plt.close(fig)
+    curves_png = _save(fig, ax, "epoch", "validation accuracy", folder / "val_acc_per_epoch.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     m = result.metric
     for _, row in result.table.iterrows():
         ax.errorbar(row["MACs"], row[f"{m} mean"], yerr=row[f"{m} std"] if row["n"] > 1 else None,
                     fmt="o", capsize=3, label=row["variant"])
-    ax.set_xlabel("MACs")
-    ax.set_ylabel(m)
+    macs_png = _save(fig, ax, "MACs", m, folder / "accuracy_vs_macs.png")
+    return [curves_png, macs_png]
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    macs_png = folder / "accuracy_vs_macs.png"
-    fig.savefig(macs_png, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return [curves_png, macs_png]
+    return path
 
 
 def write_outputs(result: Comparison, folder: Path, uri: str | None = None) -> None:

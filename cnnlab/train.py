@@ -7,7 +7,6 @@ fit (resuming if this run directory has a checkpoint) -> test -> artifacts
 
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 from collections.abc import Mapping
@@ -198,6 +197,7 @@ def train(cfg: DictConfig) -> float:
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from cnnlab.artifacts import log_pytorch_model, log_run_files, write_run_files
     from cnnlab.build import build
     from cnnlab.data import TensorDataModule
     from cnnlab.module import Classifier
@@ -240,8 +240,9 @@ def train(cfg: DictConfig) -> float:
                 "seed": cfg.seed, "model": plan.name, "data": data_cfg["name"],
                 "run_dir": str(run_dir), **_sweep_tags(overrides)})
             id_file.write_text(tracker.run_id)
-    log.info("run %s in %s%s", name, run_dir,
-             f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)")
+    log.info("run %s in %s%s, %d torch threads", name, run_dir,
+             f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)",
+             torch.get_num_threads())
     log.info("\n%s", summary_text(plan))
 
     try:
@@ -273,9 +274,11 @@ def train(cfg: DictConfig) -> float:
             tracker.set_tags({"device": str(trainer.strategy.root_device)})
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         trainer.test(module, datamodule=datamodule, verbose=False)
-        _write_artifacts(run_dir, plan, network, cfg)
+        write_run_files(run_dir, plan, network, OmegaConf.to_yaml(cfg, resolve=True))
         if tracker:
-            _log_artifacts(tracker, run_dir, cfg, network, datamodule, plan)
+            log_run_files(tracker, run_dir)
+            if cfg.tracking.log_model:
+                log_pytorch_model(tracker, network, datamodule, plan)
     except BaseException as error:
         if tracker:
             tracker.set_tags({"error": f"{type(error).__name__}: {error}"})
@@ -290,55 +293,6 @@ def train(cfg: DictConfig) -> float:
     log.info("done: best %s = %.4f; test/acc = %.4f", cfg.checkpoint.monitor, result,
              float(trainer.callback_metrics["test/acc"]))
     return result
-
-
-def _write_artifacts(run_dir: Path, plan: ModelPlan, network, cfg: DictConfig) -> None:
-    import json
-
-    from cnnlab.artifacts import plot_curves, read_history, write_weights
-    from cnnlab.summary import summary_dict, summary_text
-
-    (run_dir / "summary.txt").write_text(summary_text(plan) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps(summary_dict(plan), indent=2) + "\n")
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    write_weights(network, run_dir / "weights.txt")
-    plot_curves(read_history(run_dir / "history.jsonl"), run_dir / "curves.png", plan.name)
-
-
-def _log_artifacts(tracker, run_dir: Path, cfg: DictConfig, network, datamodule, plan) -> None:
-    for name in ("summary.txt", "summary.json", "config.yaml", "weights.txt", "curves.png",
-                 "history.jsonl"):
-        tracker.log_artifact(run_dir / name)
-    if (run_dir / ".hydra").is_dir():
-        tracker.log_artifact(run_dir / ".hydra", "hydra")
-    for name in ("best.ckpt", "last.ckpt"):
-        if (run_dir / "checkpoints" / name).is_file():
-            tracker.log_artifact(run_dir / "checkpoints" / name, "checkpoints")
-    if cfg.tracking.log_model:
-        _log_model(tracker, network, datamodule, plan)
-
-
-def _log_model(tracker, network, datamodule, plan) -> None:
-    """The final model in MLflow's pytorch flavour (pt2: no pickle), with a signature."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    from cnnlab.build import ends_in_softmax
-
-    model = copy.deepcopy(network).cpu().eval()
-    if ends_in_softmax(plan.analysis):
-        model = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))
-    x = next(iter(datamodule.test_dataloader()))[0][:2].cpu()
-    with torch.no_grad():
-        y = model(x)
-    mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=tracker.run_id):
-        mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(x.numpy(), y.numpy()),
-            input_example=x.numpy(), serialization_format="pt2",
-            # Given, not inferred: inference took 14.7 s for a tiny model on these machines.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:
