@@ -21,6 +21,7 @@ commands:
   train     train and track one run (or a sweep with -m); Hydra's own flags apply
   summary   Keras-style model summary of the composed config (--json for JSON)
   compare   seed statistics and paired tests for an experiment or a sweep's parent run
+  reproduce train a logged run's exact config again and compare every metric
 """
 
 
@@ -50,7 +51,6 @@ def _compare(argv: list[str]) -> int:
     from pathlib import Path
 
     from cnnlab.compare import METRICS, compare, write_outputs
-    from cnnlab.tracking import tracking_uri
 
     parser = argparse.ArgumentParser(prog="cnnlab compare", description=(
         "Group runs by the knobs that vary; mean, std and 95%% CI over seeds; paired tests."))
@@ -62,10 +62,7 @@ def _compare(argv: list[str]) -> int:
     parser.add_argument("--format", default="text", choices=("text", "markdown", "csv", "latex"))
     parser.add_argument("--out", default=None, help="also write .txt/.md/.csv/.tex and plots here")
     args = parser.parse_args(argv)
-    uri = args.uri or tracking_uri(None, Path(args.runs))
-    if uri.startswith("sqlite:") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise ConfigError(f"no MLflow store at {uri[len('sqlite:///'):]}; train something first "
-                          f"or point --runs/--uri at a store")
+    uri = _store(args)
     is_run = len(args.target) == 32 and all(c in "0123456789abcdef" for c in args.target)
     result = compare(uri, parent=args.target if is_run else None,
                      experiment=None if is_run else args.target, metric=args.metric)
@@ -76,7 +73,39 @@ def _compare(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"summary": _summary, "train": _train, "compare": _compare}
+def _store(args) -> str:
+    from pathlib import Path
+
+    from cnnlab.tracking import tracking_uri
+
+    uri = args.uri or tracking_uri(None, Path(args.runs))
+    if uri.startswith("sqlite:") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"no MLflow store at {uri[len('sqlite:///'):]}; train something first "
+                          f"or point --runs/--uri at a store")
+    return uri
+
+
+def _reproduce(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from cnnlab.reproduce import reproduce
+
+    parser = argparse.ArgumentParser(prog="cnnlab reproduce", description=(
+        "Train a logged run's exact config again, as a new run linked to it, and compare."))
+    parser.add_argument("run_id", help="the MLflow run to reproduce")
+    parser.add_argument("--runs", default="runs", help="the runs root holding mlflow.db (default: runs)")
+    parser.add_argument("--uri", default=None, help="a tracking URI instead of --runs")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="allowed absolute difference (default: 0 on CPU, 0.01 otherwise)")
+    parser.add_argument("overrides", nargs="*", help="changes to the logged config, e.g. seed=1")
+    args = parser.parse_args(argv)
+    result = reproduce(_store(args), args.run_id, Path(args.runs).resolve(), args.overrides,
+                       args.tolerance)
+    print(result.text())
+    return 0 if all(v[3] != "DIFFERS" for v in result.verdicts) else 1
+
+
+COMMANDS = {"summary": _summary, "train": _train, "compare": _compare, "reproduce": _reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,21 @@ def slug(text: object, max_len: int = 120) -> str:
 
 OmegaConf.register_new_resolver("cnnlab_slug", slug, replace=True)
 
+# Keys that say where things live or how a run is shown, not what is trained.
+NOT_HASHED = ("paths.", "tracking.", "ckpt_path", "trainer.enable_progress_bar", "trainer.threads",
+              "data.root", "data.archive", "data.download", "hydra")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """16 hex digits identifying what a config trains (the same hash = the same experiment)."""
+    import json
+
+    from cnnlab.tracking import flatten
+
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    kept = {k: v for k, v in flat.items() if not k.startswith(NOT_HASHED)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
     """The composed (unresolved) config for these command-line overrides."""

@@ -118,6 +118,19 @@ def provenance_tags() -> dict[str, str]:
     }
 
 
+def log_provenance(tracker: Tracker) -> None:
+    """What a reader needs to rebuild the code and environment: the uncommitted diff, if any,
+    and every installed package's version."""
+    from importlib.metadata import distributions
+
+    packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions()
+                       if d.metadata["Name"]}, key=str.lower)
+    tracker.log_text("\n".join(packages) + "\n", "provenance/requirements.txt")
+    diff = _git("diff", "HEAD")
+    if diff:
+        tracker.log_text(diff + "\n", "provenance/git.diff")
+
+
 class Tracker:
     """One MLflow run: create or resume it, log to it, close it with a status."""
 
@@ -173,6 +186,9 @@ class Tracker:
             return self.client.get_run(run_id).info.status
         except MlflowException:
             return None
+
+    def has_params(self) -> bool:
+        return bool(self.client.get_run(self.run_id).data.params)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param

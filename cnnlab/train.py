@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.config import CONF_DIR, ModelPlan, model_plan, slug
+from cnnlab.config import CONF_DIR, ModelPlan, config_hash, model_plan, slug
 from cnnlab.errors import ConfigError
 
 log = logging.getLogger("cnnlab")
@@ -161,6 +161,36 @@ def _trainer(cfg: DictConfig, run_dir: Path, logger, checkpoint):
     )
 
 
+def _open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
+              resume_from: Path | None):
+    """The MLflow run this job logs to, and the stored result when nothing is left to do.
+
+    A run directory remembers its MLflow run: running the same command again continues
+    that run (from last.ckpt, or from scratch if it died before its first checkpoint)
+    instead of leaving a second one; a finished run that already has its epochs is done.
+    """
+    from cnnlab.tracking import Tracker, check_tracking, tracking_uri
+
+    uri = tracking_uri(cfg.tracking.uri, runs)
+    check_tracking(uri, cfg.tracking.timeout_s)
+    tracker = Tracker(uri, runs)
+    id_file = run_dir / "mlflow_run_id"
+    previous = id_file.read_text().strip() if id_file.is_file() else None
+    status = tracker.run_status(previous) if previous else None
+    done = _already_complete(resume_from, cfg.trainer.max_epochs) if status == "FINISHED" else None
+    if done is not None:
+        log.info("run %s already trained %d epochs (MLflow run %s); raise trainer.max_epochs "
+                 "to continue it", name, cfg.trainer.max_epochs, previous)
+        return tracker, done
+    if status is None or not tracker.resume(previous):
+        # The embedded store keeps artifacts beside it; a server decides for itself.
+        artifacts = ((runs / "mlartifacts" / slug(cfg.tracking.experiment)).as_uri()
+                     if uri.startswith("sqlite:") else None)
+        tracker.start(cfg.tracking.experiment, name, artifact_location=artifacts, tags=tags)
+        id_file.write_text(tracker.run_id)
+    return tracker, None
+
+
 def _already_complete(checkpoint: Path | None, max_epochs: int) -> float | None:
     """The best monitored value, if this checkpoint already finished max_epochs; else None."""
     import torch
@@ -185,8 +215,11 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
     return last if last.is_file() else None
 
 
-def train(cfg: DictConfig) -> float:
-    """Train, test and track one run; return the best value of `checkpoint.monitor`."""
+def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
+    """Train, test and track one run; return the best value of `checkpoint.monitor`.
+
+    `tags` are added to a new MLflow run (`cnnlab reproduce` links runs this way).
+    """
     plan, data_cfg = _checked(cfg)
     from cnnlab.datasets import load_dataset
 
@@ -202,7 +235,7 @@ def train(cfg: DictConfig) -> float:
     from cnnlab.data import TensorDataModule
     from cnnlab.module import Classifier
     from cnnlab.summary import summary_text
-    from cnnlab.tracking import Tracker, check_tracking, flatten, provenance_tags, tracking_uri
+    from cnnlab.tracking import flatten, log_provenance, provenance_tags
 
     overrides = _overrides()
     name = run_name(cfg, overrides)
@@ -218,28 +251,15 @@ def train(cfg: DictConfig) -> float:
     if threads:
         torch.set_num_threads(threads)
 
-    tracker, resumed = None, False
+    tracker = None
     if cfg.tracking.enabled:
-        uri = tracking_uri(cfg.tracking.uri, runs)
-        check_tracking(uri, cfg.tracking.timeout_s)
-        tracker = Tracker(uri, runs)
-        id_file = run_dir / "mlflow_run_id"
-        previous = id_file.read_text().strip() if id_file.is_file() else None
-        done = _already_complete(resume_from, cfg.trainer.max_epochs) if previous else None
-        if done is not None and tracker.run_status(previous) == "FINISHED":
-            log.info("run %s already trained %d epochs (MLflow run %s); raise trainer.max_epochs "
-                     "to continue it", name, cfg.trainer.max_epochs, previous)
+        tracker, done = _open_run(cfg, runs, run_dir, name, {
+            **provenance_tags(), "overrides": " ".join(overrides) or "(none)", "seed": cfg.seed,
+            "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
+            "config.hash": config_hash(cfg), "data.fingerprint": data.fingerprint(),
+            **_sweep_tags(overrides), **(tags or {})}, resume_from)
+        if done is not None:
             return done
-        resumed = previous is not None and resume_from is not None and tracker.resume(previous)
-        if not resumed:
-            # The embedded store keeps artifacts beside it; a server decides for itself.
-            artifacts = ((runs / "mlartifacts" / slug(cfg.tracking.experiment)).as_uri()
-                         if uri.startswith("sqlite:") else None)
-            tracker.start(cfg.tracking.experiment, name, artifact_location=artifacts, tags={
-                **provenance_tags(), "overrides": " ".join(overrides) or "(none)",
-                "seed": cfg.seed, "model": plan.name, "data": data_cfg["name"],
-                "run_dir": str(run_dir), **_sweep_tags(overrides)})
-            id_file.write_text(tracker.run_id)
     log.info("run %s in %s%s, %d torch threads", name, run_dir,
              f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)",
              torch.get_num_threads())
@@ -260,7 +280,8 @@ def train(cfg: DictConfig) -> float:
             mode=cfg.checkpoint.mode, save_top_k=1, save_last=cfg.checkpoint.save_last,
             auto_insert_metric_name=False)
         trainer = _trainer(cfg, run_dir, logger, checkpoint)
-        if tracker and not resumed:  # a resumed run has its params already
+        if tracker and not tracker.has_params():  # a resumed run has its params already
+            log_provenance(tracker)
             tracker.log_params({
                 **flatten(_container(cfg)),
                 "model.total_params": plan.analysis.total_params,
