@@ -1,4 +1,17 @@
-"""Lightning callback: a per-epoch history file and a one-line log per epoch."""
+"""Per-epoch bookkeeping: history.jsonl, the one-line epoch log, and epoch metrics to MLflow.
+
+Why not Lightning's MLFlowLogger: Lightning saves last.ckpt before it hands the
+epoch's training metrics to its logger, so a process killed between the two
+resumes past an epoch whose metrics never reach MLflow (and a kill in other
+places logs an epoch twice). Here the order is fixed and every step recoverable:
+
+    1. history.jsonl gets the epoch's row (atomic rewrite; a repeated epoch replaces it)
+    2. ModelCheckpoint saves last.ckpt (it runs after this callback)
+    3. rows MLflow does not have yet are logged, at the start of the next epoch and at
+       the end of training, so a resumed run first sends what its killed self wrote.
+
+MLflow steps are epochs (1, 2, ...): one value per epoch per metric, never two.
+"""
 
 from __future__ import annotations
 
@@ -16,17 +29,17 @@ EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best
 
 
 class EpochHistory(L.Callback):
-    """Appends each finished epoch's metrics to history.jsonl in the run directory.
-
-    It feeds curves.png and the per-epoch log line, works with tracking off,
-    and survives resume: rows from epochs a resumed run repeats are replaced.
-    """
-
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tracker=None, step_every: int = 0):
         self.path = path
+        self.tracker = tracker
+        self.step_every = step_every  # > 0: also log train/loss_step every this many steps
         self.started = time.perf_counter()
 
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.flush()
+
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.flush()
         self.started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -36,8 +49,25 @@ class EpochHistory(L.Callback):
         epoch = trainer.current_epoch + 1  # 1-based, as Keras prints it
         row = {"epoch": epoch, "seconds": round(time.perf_counter() - self.started, 3)}
         row.update({k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics})
-        module.log("time/epoch_s", row["seconds"])  # compare reports seconds per epoch
         rows = [r for r in read_history(self.path) if r["epoch"] < epoch] + [row]
         write_history(rows, self.path)
         text = "  ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS if k in row)
         log.info("epoch %d/%d  %s  %.1f s", epoch, trainer.max_epochs, text, row["seconds"])
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.flush()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        if self.tracker and self.step_every and trainer.global_step % self.step_every == 0:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.tracker.log_metrics({"train/loss_step": float(loss)}, step=trainer.global_step)
+
+    def flush(self) -> None:
+        """Log the history rows MLflow lacks (one query, one batch)."""
+        if self.tracker is None:
+            return
+        logged = {m.step for m in self.tracker.metric_history("val/loss")}
+        for row in read_history(self.path):
+            if row["epoch"] not in logged:
+                values = {k: row[k] for k in EPOCH_METRICS if k in row}
+                self.tracker.log_metrics({**values, "time/epoch_s": row["seconds"]}, step=row["epoch"])

@@ -24,12 +24,10 @@ class Classifier(L.LightningModule):
     `accuracy` (the fraction of samples whose arg-max is the label).
     """
 
-    def __init__(self, network: nn.Module, optim: Mapping[str, Any], num_classes: int,
-                 step_metrics: bool = False):
+    def __init__(self, network: nn.Module, optim: Mapping[str, Any], num_classes: int):
         super().__init__()
         self.network = network
         self.optim = dict(optim)
-        self.step_metrics = step_metrics
         # validate_args=False: the inputs are ours and well-formed; the checks cost a host
         # sync per step. update() rather than forward(): no per-batch value is needed.
         accuracy = partial(MulticlassAccuracy, num_classes, average="micro", validate_args=False)
@@ -50,8 +48,6 @@ class Classifier(L.LightningModule):
         self.train_acc.update(logits, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        if self.step_metrics:  # throttled by Trainer(log_every_n_steps)
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
         return loss
 
     def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> None:

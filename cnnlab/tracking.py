@@ -212,6 +212,13 @@ class Tracker:
         else:
             self.client.log_artifact(self.run_id, str(path), folder)
 
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        with_retries(lambda: self.client.log_batch(self.run_id, metrics=items, synchronous=True))
+
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 

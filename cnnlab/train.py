@@ -139,10 +139,8 @@ def _checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
     return model_plan(cfg), data
 
 
-def _trainer(cfg: DictConfig, run_dir: Path, logger, checkpoint):
+def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoint):
     import lightning as L
-
-    from cnnlab.callbacks import EpochHistory
 
     t = cfg.trainer
     progress = t.enable_progress_bar
@@ -152,9 +150,8 @@ def _trainer(cfg: DictConfig, run_dir: Path, logger, checkpoint):
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches, gradient_clip_val=t.gradient_clip_val,
         enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
-        logger=logger if logger is not None else False,
-        callbacks=[checkpoint, EpochHistory(run_dir / "history.jsonl")],
-        log_every_n_steps=cfg.tracking.step_every,
+        logger=False,  # cnnlab logs epoch metrics itself (callbacks.EpochHistory)
+        callbacks=[history, checkpoint],
         num_sanity_val_steps=0,  # Keras validates only after each epoch
         enable_model_summary=False,  # cnnlab prints its own, Keras-style
         default_root_dir=run_dir,
@@ -232,6 +229,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
 
     from cnnlab.artifacts import log_pytorch_model, log_run_files, write_run_files
     from cnnlab.build import build
+    from cnnlab.callbacks import EpochHistory
     from cnnlab.data import TensorDataModule
     from cnnlab.module import Classifier
     from cnnlab.summary import summary_text
@@ -266,20 +264,17 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     log.info("\n%s", summary_text(plan))
 
     try:
-        module = Classifier(network, _container(cfg.optim), data_cfg["num_classes"],
-                            step_metrics=cfg.tracking.step_metrics)
+        module = Classifier(network, _container(cfg.optim), data_cfg["num_classes"])
         datamodule = TensorDataModule(data, data_cfg, cfg.seed)
-        logger = None
-        if tracker:
-            from lightning.pytorch.loggers import MLFlowLogger
-
-            logger = MLFlowLogger(tracking_uri=tracker.uri, run_id=tracker.run_id,
-                                  experiment_name=cfg.tracking.experiment, synchronous=True)
+        # Saved at the end of the train epoch, after EpochHistory wrote the epoch's row
+        # (callbacks.py says why the order matters).
         checkpoint = ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.checkpoint.monitor,
             mode=cfg.checkpoint.mode, save_top_k=1, save_last=cfg.checkpoint.save_last,
-            auto_insert_metric_name=False)
-        trainer = _trainer(cfg, run_dir, logger, checkpoint)
+            auto_insert_metric_name=False, save_on_train_epoch_end=True)
+        history = EpochHistory(run_dir / "history.jsonl", tracker,
+                               cfg.tracking.step_every if cfg.tracking.step_metrics else 0)
+        trainer = _trainer(cfg, run_dir, history, checkpoint)
         if tracker and not tracker.has_params():  # a resumed run has its params already
             log_provenance(tracker)
             tracker.log_params({
@@ -295,6 +290,9 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
             tracker.set_tags({"device": str(trainer.strategy.root_device)})
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         trainer.test(module, datamodule=datamodule, verbose=False)
+        if tracker:
+            tracker.log_metrics({k: float(trainer.callback_metrics[k]) for k in ("test/loss", "test/acc")},
+                                step=trainer.current_epoch)
         write_run_files(run_dir, plan, network, OmegaConf.to_yaml(cfg, resolve=True))
         if tracker:
             log_run_files(tracker, run_dir)

@@ -176,3 +176,38 @@ def test_compare_unknown_experiment_lists_the_existing_ones(tmp_path, capsys):
     assert "no MLflow experiment 'missing'" in err and "exists" in err
     with pytest.raises(ConfigError, match="metric must be one of"):
         compare(f"sqlite:///{tmp_path}/mlflow.db", experiment="exists", metric="loss")
+
+
+def test_an_interrupted_sweep_resumes_without_duplicates(tmp_path):
+    """Kill a 4-job sweep once 2 jobs finished; the same command runs only the other 2."""
+    import os
+    import signal
+    import sqlite3
+    import time
+
+    args = [sys.executable, "-m", "cnnlab.cli", "train", "-m", *TINY, f"paths.runs={tmp_path}",
+            "seed=0,1,2,3", "trainer.max_epochs=3", "data.n_train=2048", "tracking.experiment=cut"]
+    job = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    db, deadline = tmp_path / "mlflow.db", time.monotonic() + 120
+    finished = 0
+    while finished < 2 and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.2)
+        if db.exists():
+            with sqlite3.connect(db) as con:
+                finished = con.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+                                       "where t.key = 'knob.seed' and r.status = 'FINISHED'").fetchone()[0]
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert finished == 2, "the sweep did not reach 2 finished jobs before the kill"
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert log.count("already trained 3 epochs") == 2  # exactly 2 jobs trained again
+    children = [r for r in _all_runs(tmp_path) if r.data.tags.get("sweep") != "parent"]
+    assert sorted(r.data.tags["knob.seed"] for r in children) == ["0", "1", "2", "3"]  # no duplicates
+    assert all(r.info.status == "FINISHED" for r in children)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    for run in children:  # one value per epoch, even for the job the kill interrupted
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert len(steps) == len(set(steps)) == 3

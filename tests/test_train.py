@@ -201,3 +201,31 @@ def test_folder_dataset_trains(tmp_path):
     (run,) = _runs(tmp_path / "runs")
     assert run.info.status == "FINISHED" and run.data.params["data.name"] == "folder"
     assert str(tree) in run.data.params["data.source"]
+
+
+def test_history_rows_reach_mlflow_once_even_after_a_kill(tmp_path):
+    """A killed run may have written an epoch's row (and checkpoint) but not logged it: the
+    next flush sends exactly the missing rows, and flushing again sends nothing."""
+    from cnnlab.artifacts import write_history
+    from cnnlab.callbacks import EpochHistory
+    from cnnlab.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)
+    tracker.start("flush", "r", tags={})
+    rows = [{"epoch": e, "seconds": 1.0, "train/loss": 1.0 / e, "val/loss": 2.0 / e} for e in (1, 2, 3)]
+    write_history(rows[:1], tmp_path / "history.jsonl")
+    history = EpochHistory(tmp_path / "history.jsonl", tracker)
+    history.flush()
+    write_history(rows, tmp_path / "history.jsonl")  # epochs 2 and 3 written, then "killed"
+    history.flush()
+    history.flush()
+    steps = [(m.step, m.value) for m in tracker.metric_history("train/loss")]
+    assert sorted(steps) == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+
+
+def test_throttled_step_metrics(tmp_path):
+    train(_cfg(tmp_path, "trainer.max_epochs=1", "tracking.log_model=false", "tracking.step_metrics=true",
+               "tracking.step_every=3"))
+    (run,) = _runs(tmp_path)
+    steps = [m.step for m in _client(tmp_path).get_metric_history(run.info.run_id, "train/loss_step")]
+    assert steps == [3, 6]  # 8 batches of 32 from 256 synthetic images
