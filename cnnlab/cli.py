@@ -22,6 +22,8 @@ commands:
   summary   Keras-style model summary of the composed config (--json for JSON)
   compare   seed statistics and paired tests for an experiment or a sweep's parent run
   reproduce train a logged run's exact config again and compare every metric
+  report    Markdown, HTML and LaTeX report of an ablation (experiment or sweep parent run)
+  audit     train one config twice on a small budget; largest difference in metrics and weights
 """
 
 
@@ -63,7 +65,7 @@ def _compare(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="also write .txt/.md/.csv/.tex and plots here")
     args = parser.parse_args(argv)
     uri = _store(args)
-    is_run = len(args.target) == 32 and all(c in "0123456789abcdef" for c in args.target)
+    is_run = _is_run_id(args.target)
     result = compare(uri, parent=args.target if is_run else None,
                      experiment=None if is_run else args.target, metric=args.metric)
     print({"text": result.text, "markdown": result.markdown, "csv": result.csv,
@@ -105,7 +107,54 @@ def _reproduce(argv: list[str]) -> int:
     return 0 if all(v[3] != "DIFFERS" for v in result.verdicts) else 1
 
 
-COMMANDS = {"summary": _summary, "train": _train, "compare": _compare, "reproduce": _reproduce}
+def _is_run_id(target: str) -> bool:
+    return len(target) == 32 and all(c in "0123456789abcdef" for c in target)
+
+
+def _report(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from cnnlab.compare import METRICS
+    from cnnlab.config import slug
+    from cnnlab.report import write_report
+
+    parser = argparse.ArgumentParser(prog="cnnlab report", description=(
+        "A self-contained report of one ablation: question, architectures, results with "
+        "intervals and paired tests, curves, provenance; plus a LaTeX table."))
+    parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
+    parser.add_argument("--runs", default="runs", help="the runs root holding mlflow.db (default: runs)")
+    parser.add_argument("--uri", default=None, help="a tracking URI instead of --runs")
+    parser.add_argument("--metric", default="val/acc_best", choices=METRICS)
+    parser.add_argument("--out", default=None, help="default: <runs>/reports/<target>")
+    args = parser.parse_args(argv)
+    run = _is_run_id(args.target)
+    out = Path(args.out) if args.out else Path(args.runs) / "reports" / slug(args.target)
+    written = write_report(_store(args), experiment=None if run else args.target,
+                          parent=args.target if run else None, out=out, metric=args.metric)
+    print("\n".join(str(path) for path in written.values()))
+    return 0
+
+
+def _audit(argv: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from cnnlab.audit import audit, audit_text
+
+    parser = argparse.ArgumentParser(prog="cnnlab audit", description=(
+        "Train one configuration twice (deterministic CPU, small budget) and report the "
+        "largest difference in metrics and weights."))
+    parser.add_argument("--runs", default="runs", help="the runs root (default: runs)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the config to audit")
+    args = parser.parse_args(argv)
+    result = audit(args.overrides, Path(args.runs))
+    print(json.dumps(result, indent=2, default=str) if args.json else audit_text(result))
+    return 0 if result["verdict"] == "identical" else 1
+
+
+COMMANDS = {"summary": _summary, "train": _train, "compare": _compare, "reproduce": _reproduce,
+            "report": _report, "audit": _audit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,8 @@ class Comparison:
     warnings: list[str] = field(default_factory=list)
     metric: str = "val/acc_best"
 
-    def _pairs_text(self) -> list[str]:
+    def pairs_text(self) -> list[str]:
+        """One sentence per paired comparison, naming the test."""
         lines = []
         for p in self.pairs:
             lines.append(
@@ -94,7 +95,7 @@ class Comparison:
         with pd.option_context("display.width", 250, "display.max_columns", 50,
                                "display.max_colwidth", 80):
             body = self.display().to_string(index=False)
-        return "\n".join([body, *self._pairs_text(), *(f"warning: {w}" for w in self.warnings)])
+        return "\n".join([body, *self.pairs_text(), *(f"warning: {w}" for w in self.warnings)])
 
     def markdown(self) -> str:
         table = self.display()
@@ -102,7 +103,7 @@ class Comparison:
         rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for _, row in table.iterrows():
             rows.append("| " + " | ".join(str(row[c]) for c in cols) + " |")
-        notes = [f"- {line}" for line in self._pairs_text()] + [f"- warning: {w}" for w in self.warnings]
+        notes = [f"- {line}" for line in self.pairs_text()] + [f"- warning: {w}" for w in self.warnings]
         return "\n".join(rows + ([""] + notes if notes else [])) + "\n"
 
     def latex(self) -> str:

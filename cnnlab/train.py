@@ -263,6 +263,10 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
              torch.get_num_threads())
     log.info("\n%s", summary_text(plan))
 
+    # trainer.deterministic=true switches deterministic algorithms on for the whole process
+    # (at Trainer construction); callers that train again in this process get it back as it was.
+    deterministic_before = {"mode": torch.are_deterministic_algorithms_enabled(),
+                            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
     try:
         module = Classifier(network, _container(cfg.optim), data_cfg["num_classes"])
         datamodule = TensorDataModule(data, data_cfg, cfg.seed)
@@ -299,11 +303,13 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
             if cfg.tracking.log_model:
                 log_pytorch_model(tracker, network, datamodule, plan)
     except BaseException as error:
+        torch.use_deterministic_algorithms(**deterministic_before)
         if tracker:
             tracker.set_tags({"error": f"{type(error).__name__}: {error}"})
             tracker.log_text(f"{type(error).__name__}: {error}\n", "error.txt")
             tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
+    torch.use_deterministic_algorithms(**deterministic_before)
     if tracker:
         tracker.finish("FINISHED")
     score = checkpoint.best_model_score
