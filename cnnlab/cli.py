@@ -57,8 +57,7 @@ def _compare(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cnnlab compare", description=(
         "Group runs by the knobs that vary; mean, std and 95%% CI over seeds; paired tests."))
     parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
-    parser.add_argument("--runs", default="runs", help="the runs root holding mlflow.db (default: runs)")
-    parser.add_argument("--uri", default=None, help="a tracking URI instead of --runs")
+    _store_options(parser)
     parser.add_argument("--metric", default="val/acc_best", choices=METRICS,
                         help="the metric of the paired comparison")
     parser.add_argument("--format", default="text", choices=("text", "markdown", "csv", "latex"))
@@ -73,6 +72,11 @@ def _compare(argv: list[str]) -> int:
     if args.out:
         write_outputs(result, Path(args.out), uri)
     return 0
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", default="runs", help="the runs root holding mlflow.db (default: runs)")
+    parser.add_argument("--uri", default=None, help="a tracking URI instead of --runs")
 
 
 def _store(args) -> str:
@@ -95,8 +99,7 @@ def _reproduce(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cnnlab reproduce", description=(
         "Train a logged run's exact config again, as a new run linked to it, and compare."))
     parser.add_argument("run_id", help="the MLflow run to reproduce")
-    parser.add_argument("--runs", default="runs", help="the runs root holding mlflow.db (default: runs)")
-    parser.add_argument("--uri", default=None, help="a tracking URI instead of --runs")
+    _store_options(parser)
     parser.add_argument("--tolerance", type=float, default=None,
                         help="allowed absolute difference (default: 0 on CPU, 0.01 otherwise)")
     parser.add_argument("overrides", nargs="*", help="changes to the logged config, e.g. seed=1")
@@ -122,8 +125,7 @@ def _report(argv: list[str]) -> int:
         "A self-contained report of one ablation: question, architectures, results with "
         "intervals and paired tests, curves, provenance; plus a LaTeX table."))
     parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
-    parser.add_argument("--runs", default="runs", help="the runs root holding mlflow.db (default: runs)")
-    parser.add_argument("--uri", default=None, help="a tracking URI instead of --runs")
+    _store_options(parser)
     parser.add_argument("--metric", default="val/acc_best", choices=METRICS)
     parser.add_argument("--out", default=None, help="default: <runs>/reports/<target>")
     args = parser.parse_args(argv)

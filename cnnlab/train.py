@@ -249,12 +249,13 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     if threads:
         torch.set_num_threads(threads)
 
+    fingerprint = data.fingerprint()  # hashes every pixel: once per run
     tracker = None
     if cfg.tracking.enabled:
         tracker, done = _open_run(cfg, runs, run_dir, name, {
             **provenance_tags(), "overrides": " ".join(overrides) or "(none)", "seed": cfg.seed,
             "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
-            "config.hash": config_hash(cfg), "data.fingerprint": data.fingerprint(),
+            "config.hash": config_hash(cfg), "data.fingerprint": fingerprint,
             **_sweep_tags(overrides), **(tags or {})}, resume_from)
         if done is not None:
             return done
@@ -288,7 +289,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
                 "model.macs": plan.analysis.macs,
                 "model.receptive_field": plan.analysis.receptive_field.size[0],
                 "model.layers_expanded": " ".join(plan.tokens),
-                "data.fingerprint": data.fingerprint(),
+                "data.fingerprint": fingerprint,
                 "data.source": data.source,
             })
             tracker.set_tags({"device": str(trainer.strategy.root_device)})
@@ -303,13 +304,13 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
             if cfg.tracking.log_model:
                 log_pytorch_model(tracker, network, datamodule, plan)
     except BaseException as error:
-        torch.use_deterministic_algorithms(**deterministic_before)
         if tracker:
             tracker.set_tags({"error": f"{type(error).__name__}: {error}"})
             tracker.log_text(f"{type(error).__name__}: {error}\n", "error.txt")
             tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
-    torch.use_deterministic_algorithms(**deterministic_before)
+    finally:
+        torch.use_deterministic_algorithms(**deterministic_before)
     if tracker:
         tracker.finish("FINISHED")
     score = checkpoint.best_model_score
