@@ -45,7 +45,9 @@ class EpochHistory(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        metrics = trainer.callback_metrics
+        # Validation metrics from Lightning; training ones from the module, which logs them
+        # itself only after this callback has run.
+        metrics = {**trainer.callback_metrics, **getattr(module, "train_epoch_metrics", dict)()}
         epoch = trainer.current_epoch + 1  # 1-based, as Keras prints it
         row = {"epoch": epoch, "seconds": round(time.perf_counter() - self.started, 3)}
         row.update({k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics})
