@@ -171,6 +171,13 @@ class TensorDataModule(L.LightningDataModule):
         self._sets = {name: (moved[id(x)], moved[id(y)]) for name, (x, y) in self._sets.items()}
         self._device = device
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # The memory pipeline's batches are born on the device: skip Lightning's generic walk
+        # over the batch (about 0.1 ms a step at batch 32 on CPU), which would move nothing.
+        if self.cfg["pipeline"] == "memory" and self._device == device:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def train_dataloader(self) -> TensorBatches | DataLoader:
         augment = self.cfg["augment"]
         if self.cfg["pipeline"] == "memory":

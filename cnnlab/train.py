@@ -22,6 +22,7 @@ from cnnlab.errors import ConfigError
 log = logging.getLogger("cnnlab")
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 # Overrides that do not change what is trained, left out of run names.
 NOT_IN_NAME = ("paths.", "ckpt_path", "tracking.", "trainer.enable_progress_bar", "hydra",
@@ -38,6 +39,11 @@ def check_trainer_config(cfg: Mapping[str, Any]) -> None:
     if str(cfg.get("precision")) not in PRECISIONS:
         raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, "
                           f"got {cfg.get('precision')!r}")
+    if cfg.get("compile") not in COMPILE_MODES:
+        raise ConfigError(f"trainer.compile must be one of null, {', '.join(COMPILE_MODES[1:])}, "
+                          f"got {cfg.get('compile')!r}")
+    if not isinstance(cfg.get("channels_last"), bool):
+        raise ConfigError(f"trainer.channels_last must be true or false, got {cfg.get('channels_last')!r}")
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         value = cfg.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -245,6 +251,10 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     network = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps,
                     logits=True)
+    if cfg.trainer.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    if cfg.trainer.compile:
+        network.compile(mode=cfg.trainer.compile)  # in place: parameter names stay the same
     threads = _threads(cfg.trainer.threads)
     if threads:
         torch.set_num_threads(threads)
@@ -269,7 +279,8 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     deterministic_before = {"mode": torch.are_deterministic_algorithms_enabled(),
                             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
     try:
-        module = Classifier(network, _container(cfg.optim), data_cfg["num_classes"])
+        module = Classifier(network, _container(cfg.optim), data_cfg["num_classes"],
+                            channels_last=cfg.trainer.channels_last)
         datamodule = TensorDataModule(data, data_cfg, cfg.seed)
         # Saved at the end of the train epoch, after EpochHistory wrote the epoch's row
         # (callbacks.py says why the order matters).

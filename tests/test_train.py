@@ -131,6 +131,8 @@ def test_missing_dataset_is_a_clear_error_before_any_run(tmp_path):
     ("trainer.max_epochs=0", "trainer.max_epochs must be an integer >= 1, got 0"),
     ("trainer.precision=8", "trainer.precision must be one of"),
     ("checkpoint.mode=best", "checkpoint.mode must be min or max"),
+    ("trainer.compile=fast", "trainer.compile must be one of null, default, reduce-overhead"),
+    ("trainer.channels_last=maybe", "trainer.channels_last must be true or false"),
 ])
 def test_bad_training_config_fails_before_any_run(tmp_path, override, fragment):
     with pytest.raises(ConfigError) as info:
