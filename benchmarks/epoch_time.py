@@ -8,12 +8,17 @@ training set plus one evaluation pass over the test set, for all three.
 
     python benchmarks/epoch_time.py                     # full CIFAR-10 copy
     python benchmarks/epoch_time.py --subset 10000      # quicker
+
+With a tensorflow-cpu venv at runs/tfvenv (see benchmarks/keras_baseline.py), the
+chapter's own Keras program runs in the same interleaving, on the same pixels.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +41,7 @@ from cnnlab.optim import make_optimizer  # noqa: E402
 from cnnlab.train import train  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+KERAS = "Keras (the chapter's program)"
 
 
 def overrides(args, runs: Path, *extra: str) -> list[str]:
@@ -89,12 +95,25 @@ def hand_loop_epoch(args, runs: Path, repeat: int) -> tuple[float, float]:
     return seconds, val_correct / len(data.test_y)
 
 
+def keras_epoch(args, npz: Path, repeat: int) -> tuple[float, float]:
+    """The chapter's own Keras program (benchmarks/keras_baseline.py) in its tensorflow venv."""
+    command = [args.keras_python, str(REPO / "benchmarks" / "keras_baseline.py"), str(npz),
+               "--epochs", str(args.epochs), "--seed", str(repeat),
+               *(["--subset", str(args.subset)] if args.subset else [])]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    last = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    return last["seconds"], last["val_accuracy"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--archive", default=str(ARCHIVE))
     parser.add_argument("--subset", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keras-python", default=str(REPO / "runs" / "tfvenv" / "bin" / "python"),
+                        help="a python with tensorflow-cpu 2.21 (see benchmarks/keras_baseline.py); "
+                             "the Keras row is skipped when it does not exist")
     args = parser.parse_args()
     if not Path(args.archive).is_file():
         sys.exit(f"error: no CIFAR-10 archive at {args.archive}; pass --archive FILE.tar.gz")
@@ -102,15 +121,22 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("cnnlab").setLevel(logging.WARNING)
+    keras = Path(args.keras_python).is_file()
     times: dict[str, list[float]] = {"cnnlab, tracking on": [], "cnnlab, tracking off": [],
-                                     "hand-written loop": []}
+                                     "hand-written loop": [], **({KERAS: []} if keras else {})}
     accuracy: dict[str, list[float]] = {name: [] for name in times}
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
+        npz = runs / "cifar10.npz"
+        if keras:  # Keras trains on exactly cnnlab's decoded pixels
+            subprocess.run([sys.executable, str(REPO / "benchmarks" / "export_npz.py"), str(npz)], check=True,
+                           capture_output=True)
         for repeat in range(args.repeats):
             measures = {"cnnlab, tracking on": partial(cnnlab_epoch, args, runs, True, repeat),
                         "cnnlab, tracking off": partial(cnnlab_epoch, args, runs, False, repeat),
                         "hand-written loop": partial(hand_loop_epoch, args, runs, repeat)}
+            if keras:
+                measures[KERAS] = partial(keras_epoch, args, npz, repeat)
             for name, measure in measures.items():
                 seconds, acc = measure()
                 times[name].append(seconds)
@@ -122,14 +148,17 @@ def main() -> None:
     n = args.subset or 50_000
     print(f"\nbaseline, batch 32, {n} train + 10000 test images, torch threads {torch.get_num_threads()}, "
           f"last of {args.epochs} epochs per repeat, {args.repeats} repeats, interleaved\n")
-    print(f"| {'what':<22} | median s/epoch | min-max s | ratio to hand loop | val acc (mean) |")
-    print(f"|{'-' * 24}|----------------|-----------|--------------------|----------------|")
+    print(f"| {'what':<29} | median s/epoch | min-max s | ratio to hand loop | val acc (mean) |")
+    print(f"|{'-' * 31}|----------------|-----------|--------------------|----------------|")
     for name, values in times.items():
         ratio = statistics.median(values) / hand
-        print(f"| {name:<22} | {statistics.median(values):14.2f} | {min(values):.2f}-{max(values):.2f} "
+        print(f"| {name:<29} | {statistics.median(values):14.2f} | {min(values):.2f}-{max(values):.2f} "
               f"| {ratio:18.3f} | {statistics.mean(accuracy[name]):14.4f} |")
     print(f"\nframework overhead (cnnlab tracking off / hand loop): {off / hand:.3f}")
     print(f"tracking overhead (cnnlab tracking on / off):         {on / off:.3f}")
+    if keras:
+        print(f"cnnlab (tracking on) / Keras:                         "
+              f"{on / statistics.median(times[KERAS]):.3f}")
 
 
 if __name__ == "__main__":
