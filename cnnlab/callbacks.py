@@ -7,8 +7,9 @@ places logs an epoch twice). Here the order is fixed and every step recoverable:
 
     1. history.jsonl gets the epoch's row (atomic rewrite; a repeated epoch replaces it)
     2. ModelCheckpoint saves last.ckpt (it runs after this callback)
-    3. rows MLflow does not have yet are logged, at the start of the next epoch and at
-       the end of training, so a resumed run first sends what its killed self wrote.
+    3. rows MLflow does not have yet, of epochs a checkpoint covers, are logged at the
+       start of the next epoch and at the end of training, so a resumed run first sends
+       what its killed self wrote (and an epoch it trains again is logged once).
 
 MLflow steps are epochs (1, 2, ...): one value per epoch per metric, never two.
 """
@@ -36,10 +37,10 @@ class EpochHistory(L.Callback):
         self.started = time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.flush()
+        self.flush(up_to=trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.flush()
+        self.flush(up_to=trainer.current_epoch)
         self.started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -57,19 +58,20 @@ class EpochHistory(L.Callback):
         log.info("epoch %d/%d  %s  %.1f s", epoch, trainer.max_epochs, text, row["seconds"])
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.flush()
+        self.flush(up_to=trainer.current_epoch)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         if self.tracker and self.step_every and trainer.global_step % self.step_every == 0:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self.tracker.log_metrics({"train/loss_step": float(loss)}, step=trainer.global_step)
 
-    def flush(self) -> None:
-        """Log the history rows MLflow lacks (one query, one batch)."""
+    def flush(self, up_to: int | None = None) -> None:
+        """Log the history rows MLflow lacks, of epochs up to `up_to` (those a checkpoint
+        covers: a row written by a run killed before its checkpoint is trained again)."""
         if self.tracker is None:
             return
         logged = {m.step for m in self.tracker.metric_history("val/loss")}
         for row in read_history(self.path):
-            if row["epoch"] not in logged:
+            if row["epoch"] not in logged and (up_to is None or row["epoch"] <= up_to):
                 values = {k: row[k] for k in EPOCH_METRICS if k in row}
                 self.tracker.log_metrics({**values, "time/epoch_s": row["seconds"]}, step=row["epoch"])

@@ -42,10 +42,10 @@ def _summary(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from cnnlab.train import main as train_main
+    from cnnlab.train import cli_main
 
     sys.argv = ["cnnlab-train", *argv]  # Hydra reads its flags (-m, --cfg ...) from argv
-    train_main()
+    cli_main()
     return 0
 
 

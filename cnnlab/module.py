@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from cnnlab.errors import TrainingError
 from cnnlab.optim import make_optimizer, make_scheduler
 
 
@@ -69,7 +71,15 @@ class Classifier(L.LightningModule):
         return {"train/loss": float(self._loss_sum) / seen, "train/acc": float(self._correct) / seen}
 
     def on_train_epoch_end(self) -> None:
-        for name, value in self.train_epoch_metrics().items():
+        metrics = self.train_epoch_metrics()
+        if not math.isfinite(metrics["train/loss"]):
+            # Raised before ModelCheckpoint runs (it comes after the module), so last.ckpt
+            # stays the last good epoch's.
+            raise TrainingError(
+                f"the training loss became {metrics['train/loss']} in epoch {self.current_epoch + 1}; "
+                f"lower optim.lr, check the data, or clip gradients (trainer.gradient_clip_val). "
+                f"The last good checkpoint is kept")
+        for name, value in metrics.items():
             self.log(name, value, prog_bar=True)
 
     def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> None:

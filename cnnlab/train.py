@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.config import CONF_DIR, ModelPlan, config_hash, model_plan, slug
-from cnnlab.errors import ConfigError
+from cnnlab.errors import ConfigError, TrainingError
 
 log = logging.getLogger("cnnlab")
 
@@ -353,6 +353,12 @@ def main(cfg: DictConfig) -> float:
     sweeping = _in_multirun()
     try:
         return train(cfg)
+    except TrainingError as error:
+        if not sweeping:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+        log.error("job failed: %s", error)  # its run is already marked FAILED
+        return float("nan")
     except ConfigError as error:
         if not sweeping:
             print(f"error: {error}", file=sys.stderr)
@@ -374,5 +380,30 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-if __name__ == "__main__":
+# Hydra's instantiation keys: an override that sets one could make Hydra import and call any
+# object (hydra.callbacks are instantiated before cnnlab's code runs). cnnlab chooses objects by
+# short names looked up in its own registries, so no command line needs them.
+INSTANTIATION_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+
+
+def refuse_object_overrides(argv: list[str]) -> None:
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if any(k in key for k in INSTANTIATION_KEYS):
+            raise ConfigError(f"override '{arg}' sets a Hydra instantiation key; cnnlab does not let "
+                              f"the command line import or call objects. Choose by name instead "
+                              f"(optim.name=adam, model=vgg, hydra/launcher=joblib)")
+
+
+def cli_main() -> None:
+    """`cnnlab train` and `python -m cnnlab.train`: refuse object overrides, then run Hydra."""
+    try:
+        refuse_object_overrides(sys.argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli_main()
