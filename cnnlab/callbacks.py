@@ -17,10 +17,12 @@ MLflow steps are epochs (1, 2, ...): one value per epoch per metric, never two.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cnnlab.artifacts import read_history, write_history
 
@@ -75,3 +77,14 @@ class EpochHistory(L.Callback):
             if row["epoch"] not in logged and (up_to is None or row["epoch"] <= up_to):
                 values = {k: row[k] for k in EPOCH_METRICS if k in row}
                 self.tracker.log_metrics({**values, "time/epoch_s": row["seconds"]}, step=row["epoch"])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file, then rename it over the old one: a process
+    killed mid-write leaves the previous complete checkpoint, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)

@@ -148,6 +148,8 @@ def _checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
 def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoint):
     import lightning as L
 
+    from cnnlab.callbacks import AtomicCheckpointIO
+
     t = cfg.trainer
     progress = t.enable_progress_bar
     return L.Trainer(
@@ -158,6 +160,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoint):
         enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
         logger=False,  # cnnlab logs epoch metrics itself (callbacks.EpochHistory)
         callbacks=[history, checkpoint],
+        plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,  # Keras validates only after each epoch
         enable_model_summary=False,  # cnnlab prints its own, Keras-style
         default_root_dir=run_dir,

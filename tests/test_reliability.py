@@ -58,3 +58,45 @@ def test_experiment_and_run_names_stay_inside_the_runs_root(tmp_path, name):
     assert runs.resolve() in run_dir.parents
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing written beside it
     assert not Path("/tmp/absolute-escape").exists()
+
+
+def _train_command(runs: Path) -> list[str]:
+    return [sys.executable, "-m", "cnnlab.cli", "train", *TINY, f"paths.runs={runs}", "trainer.max_epochs=4",
+            "data.n_train=2048", "trainer.deterministic=true", "seed=5"]
+
+
+def _final_weights(runs: Path) -> dict:
+    (ckpt,) = runs.glob("outputs/*/*/checkpoints/last.ckpt")
+    return torch.load(ckpt, weights_only=True)["state_dict"]
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """SIGKILL during training, run the same command again: same final weights and metrics as a
+    run that was never interrupted, one MLflow run, one value per epoch."""
+    import os
+    import signal
+    import time
+
+    whole = tmp_path / "whole"
+    assert subprocess.run(_train_command(whole), capture_output=True).returncode == 0
+    cut = tmp_path / "cut"
+    job = subprocess.Popen(_train_command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(cut.glob("outputs/*/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, "training ended before the kill"
+    again = subprocess.run(_train_command(cut), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = _final_weights(whole), _final_weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    client = {name: MlflowClient(tracking_uri=f"sqlite:///{tmp_path / name}/mlflow.db") for name in ("whole", "cut")}
+    runs = {name: c.search_runs([e.experiment_id for e in c.search_experiments()]) for name, c in client.items()}
+    assert len(runs["cut"]) == 1 and runs["cut"][0].info.status == "FINISHED"
+    history = {name: [(m.step, m.value) for m in client[name].get_metric_history(runs[name][0].info.run_id,
+                                                                                 "val/loss")]
+               for name in client}
+    assert history["cut"] == history["whole"] and [s for s, _ in history["cut"]] == [1, 2, 3, 4]
