@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 # MLflow refuses params longer than this; such values go to the config artifact instead.
 MAX_PARAM_LENGTH = 6000
+MAX_TAG_LENGTH = 8000
 TOO_LONG = "(too long for an MLflow param: {n} characters; see the config.yaml artifact)"
 
 
@@ -61,14 +62,14 @@ def with_retries(action: Callable[[], T], attempts: int = 8, delay_s: float = 0.
     """Retry SQLite's transient 'database is locked' (parallel sweep jobs share one file)."""
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(attempts):
+    for attempt in range(attempts - 1):
         try:
             return action()
         except MlflowException as error:
-            if "database is locked" not in str(error) or attempt == attempts - 1:
+            if "database is locked" not in str(error):
                 raise
             time.sleep(delay_s * (2 ** attempt))
-    raise AssertionError("unreachable")
+    return action()  # the last try's error, if any, is the caller's
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -81,6 +82,15 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def tag_value(value: Any) -> str:
+    """MLflow keeps at most 8,000 characters of a tag; a longer one says it was cut."""
+    text = str(value)
+    if len(text) <= MAX_TAG_LENGTH:
+        return text
+    note = f" ... (cut: {len(text)} characters in all)"
+    return text[:MAX_TAG_LENGTH - len(note)] + note
 
 
 def param_value(value: Any) -> str:
@@ -201,7 +211,7 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)[:8000]) for k, v in tags.items()]
+        items = [RunTag(k, tag_value(v)) for k, v in tags.items()]
         for start in range(0, len(items), 100):
             with_retries(lambda s=start: self.client.log_batch(
                 self.run_id, tags=items[s:s + 100], synchronous=True))

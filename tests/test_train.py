@@ -231,3 +231,12 @@ def test_throttled_step_metrics(tmp_path):
     (run,) = _runs(tmp_path)
     steps = [m.step for m in _client(tmp_path).get_metric_history(run.info.run_id, "train/loss_step")]
     assert steps == [3, 6]  # 8 batches of 32 from 256 synthetic images
+
+
+def test_long_params_and_tags_are_never_cut_silently():
+    from cnnlab.tracking import MAX_PARAM_LENGTH, MAX_TAG_LENGTH, param_value, tag_value
+
+    assert param_value("x" * (MAX_PARAM_LENGTH + 1)).startswith("(too long for an MLflow param: 6001")
+    cut = tag_value("y" * 9000)
+    assert len(cut) == MAX_TAG_LENGTH and cut.endswith("(cut: 9000 characters in all)")
+    assert tag_value("short") == "short"
