@@ -8,7 +8,7 @@ places logs an epoch twice). Here the order is fixed and every step recoverable:
     1. history.jsonl gets the epoch's row (atomic rewrite; a repeated epoch replaces it)
     2. ModelCheckpoint saves last.ckpt (it runs after this callback)
     3. rows MLflow does not have yet, of epochs a checkpoint covers, are logged at the
-       start of the next epoch and at the end of training, so a resumed run first sends
+       start of the next epoch and at the end of fitting, so a resumed run first sends
        what its killed self wrote (and an epoch it trains again is logged once).
 
 MLflow steps are epochs (1, 2, ...): one value per epoch per metric, never two.
@@ -59,7 +59,9 @@ class EpochHistory(L.Callback):
         text = "  ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS if k in row)
         log.info("epoch %d/%d  %s  %.1f s", epoch, trainer.max_epochs, text, row["seconds"])
 
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # on_fit_end, not on_train_end: a run killed after its last checkpoint resumes with
+        # nothing left to train, and Lightning then skips the train hooks but not this one.
         self.flush(up_to=trainer.current_epoch)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:

@@ -100,3 +100,25 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
                                                                                  "val/loss")]
                for name in client}
     assert history["cut"] == history["whole"] and [s for s, _ in history["cut"]] == [1, 2, 3, 4]
+
+
+def test_a_kill_after_the_last_checkpoint_still_logs_the_last_epoch(tmp_path, monkeypatch):
+    """The narrowest window: the last epoch's checkpoint is on disk but its metrics are not yet in
+    MLflow. Running again has nothing left to train and must still send that epoch."""
+    from cnnlab.callbacks import EpochHistory
+
+    def killed(self, trainer, module):
+        raise RuntimeError("killed")
+
+    cfg = compose([*TINY, f"paths.runs={tmp_path}", "trainer.max_epochs=2"])
+    with monkeypatch.context() as patch:
+        patch.setattr(EpochHistory, "on_fit_end", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1]
+    train(cfg)
+    (again,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
