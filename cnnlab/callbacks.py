@@ -46,11 +46,13 @@ class EpochHistory(L.Callback):
         self.started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
         # Validation metrics from Lightning; training ones from the module, which logs them
-        # itself only after this callback has run.
+        # itself only after this callback has run. Every rank asks (an all-reduce under DDP).
         metrics = {**trainer.callback_metrics, **getattr(module, "train_epoch_metrics", dict)()}
+        if not trainer.is_global_zero:
+            return
         epoch = trainer.current_epoch + 1  # 1-based, as Keras prints it
         row = {"epoch": epoch, "seconds": round(time.perf_counter() - self.started, 3)}
         row.update({k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics})

@@ -74,29 +74,42 @@ class TensorBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
                  shuffle: bool = False, seed: int = 0, epoch: Callable[[], int] | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 crop_padding: int = 0, hflip: bool = False) -> None:
+                 crop_padding: int = 0, hflip: bool = False, rank: int = 0, world_size: int = 1) -> None:
         self.x, self.y = x, y  # (N, C, H, W) uint8, (N,) int64 on one device
         self.batch_size = batch_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         self.mean, self.std = mean, std
         self.crop_padding, self.hflip = crop_padding, hflip
+        self.rank, self.world_size = rank, world_size
         self._passes = 0
 
+    def _samples(self) -> int:
+        """Samples this rank sees an epoch. Under DDP every rank gets ceil(N / world) of them
+        (DistributedSampler's rule: the order wraps around to fill the last ones), so every rank
+        runs the same number of steps and no collective waits forever."""
+        return math.ceil(len(self.x) / self.world_size)
+
     def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)  # the last batch may be short
+        return math.ceil(self._samples() / self.batch_size)  # the last batch may be short
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch() if self.epoch is not None else self._passes
         self._passes += 1
         n, device, bs = len(self.x), self.x.device, self.batch_size
         # Drawn on the CPU and moved once per epoch: the same order and augmentation on
-        # any device, and no host sync per batch.
+        # any device (and on every rank), and no host sync per batch.
         gen = torch.Generator().manual_seed(derive_seed(self.seed, _BATCHES, epoch))
-        order = torch.randperm(n, generator=gen).to(device) if self.shuffle else None
+        order = torch.randperm(n, generator=gen) if self.shuffle else None
         pad = self.crop_padding
-        shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).to(device) if pad else None
-        flips = (torch.rand(n, generator=gen) < 0.5).to(device) if self.hflip else None
-        for start in range(0, n, bs):
+        shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen) if pad else None
+        flips = (torch.rand(n, generator=gen) < 0.5) if self.hflip else None
+        if self.world_size > 1:  # this rank's share: positions rank, rank + world, ...
+            mine = torch.arange(self.rank, self._samples() * self.world_size, self.world_size) % n
+            order = (order if order is not None else torch.arange(n))[mine]
+            shifts = shifts[mine] if shifts is not None else None
+            flips = flips[mine] if flips is not None else None
+        order, shifts, flips = (t.to(device) if t is not None else None for t in (order, shifts, flips))
+        for start in range(0, len(order) if order is not None else n, bs):
             if order is None:
                 x, y = self.x[start:start + bs], self.y[start:start + bs]
             else:
@@ -185,7 +198,8 @@ class TensorDataModule(L.LightningDataModule):
             epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
             return TensorBatches(*self._sets["train"], self.cfg["batch_size"], shuffle=True,
                                  seed=self.seed, epoch=epoch, mean=self._mean, std=self._std,
-                                 crop_padding=augment["crop_padding"], hflip=augment["hflip"])
+                                 crop_padding=augment["crop_padding"], hflip=augment["hflip"],
+                                 **self._shard())
         steps: list[Any] = [v2.ToDtype(torch.float32, scale=True)]
         if augment["crop_padding"]:
             steps.append(v2.RandomCrop(self.cfg["shape"][1:], padding=augment["crop_padding"]))
@@ -205,10 +219,16 @@ class TensorDataModule(L.LightningDataModule):
     def _eval(self, name: str) -> TensorBatches | DataLoader:
         bs = self.cfg["eval_batch_size"]
         if self.cfg["pipeline"] == "memory":
-            return TensorBatches(*self._sets[name], bs, mean=self._mean, std=self._std)
+            return TensorBatches(*self._sets[name], bs, mean=self._mean, std=self._std, **self._shard())
         # A partial, not a lambda: workers started by spawn/forkserver must pickle it.
         transform = partial(scale_and_normalize, mean=self._mean, std=self._std)
         return self._loader(name, transform, bs)
+
+    def _shard(self) -> dict[str, int]:
+        """This process's part under DDP (the loader pipeline gets Lightning's DistributedSampler)."""
+        if self.trainer is None:
+            return {"rank": 0, "world_size": 1}
+        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
 
     def _loader(self, name: str, transform: Callable, batch_size: int,
                 generator: torch.Generator | None = None) -> DataLoader:

@@ -53,6 +53,7 @@ class Classifier(L.LightningModule):
         self._loss_sum = torch.zeros((), device=self.device)
         self._correct = torch.zeros((), dtype=torch.long, device=self.device)
         self._seen = 0
+        self._epoch_metrics: dict[str, float] | None = None
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -66,9 +67,17 @@ class Classifier(L.LightningModule):
         return loss
 
     def train_epoch_metrics(self) -> dict[str, float]:
-        """train/loss and train/acc of the epoch so far (one host sync)."""
-        seen = max(self._seen, 1)
-        return {"train/loss": float(self._loss_sum) / seen, "train/acc": float(self._correct) / seen}
+        """train/loss and train/acc of the epoch, over all processes (one host sync; under DDP one
+        all-reduce, so every rank must call it: EpochHistory does, before this module's hook)."""
+        if self._epoch_metrics is None:
+            sums = torch.stack([self._loss_sum, self._correct.to(self._loss_sum.dtype),
+                                torch.tensor(float(self._seen), device=self.device)])
+            if self.trainer.world_size > 1:
+                sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            loss_sum, correct, seen = sums.tolist()
+            seen = max(seen, 1.0)
+            self._epoch_metrics = {"train/loss": loss_sum / seen, "train/acc": correct / seen}
+        return self._epoch_metrics
 
     def on_train_epoch_end(self) -> None:
         metrics = self.train_epoch_metrics()
@@ -79,14 +88,16 @@ class Classifier(L.LightningModule):
                 f"the training loss became {metrics['train/loss']} in epoch {self.current_epoch + 1}; "
                 f"lower optim.lr, check the data, or clip gradients (trainer.gradient_clip_val). "
                 f"The last good checkpoint is kept")
-        for name, value in metrics.items():
-            self.log(name, value, prog_bar=True)
+        for name, value in metrics.items():  # already over all ranks: sync_dist only agrees
+            self.log(name, value, prog_bar=True, sync_dist=True)
 
     def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> None:
         x, y = batch
         logits = self(x)
         accuracy.update(logits, y)
-        self.log(f"{stage}/loss", self._loss(logits, y), on_step=False, on_epoch=True, prog_bar=True)
+        # sync_dist: the mean over all ranks' batches under DDP (a no-op in one process).
+        self.log(f"{stage}/loss", self._loss(logits, y), on_step=False, on_epoch=True, prog_bar=True,
+                 sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -97,7 +108,7 @@ class Classifier(L.LightningModule):
             return
         # compute() before Lightning resets the metric at the end of the epoch.
         self.val_acc_best = max(self.val_acc_best, float(self.val_acc.compute()))
-        self.log("val/acc_best", self.val_acc_best, prog_bar=True)
+        self.log("val/acc_best", self.val_acc_best, prog_bar=True, sync_dist=True)  # equal on all ranks
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_acc)

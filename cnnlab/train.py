@@ -115,6 +115,31 @@ def _threads(configured: int | None) -> int | None:
     return max(cores // jobs, 1)
 
 
+def _check_strategy(strategy: str) -> None:
+    """DDP starts one process per extra rank by running the command again: make that command
+    `python -m cnnlab.train <the same overrides>`, and refuse it inside a multirun."""
+    if not (strategy.startswith("ddp") and "spawn" not in strategy and "notebook" not in strategy):
+        return
+    if _in_multirun():
+        raise ConfigError(f"trainer.strategy={strategy} cannot run inside a multirun: Lightning's DDP "
+                          f"launcher would start the whole sweep again for each rank. Sweep "
+                          f"single-process jobs (trainer.devices=1), or train each variant on its own")
+    import importlib.util
+
+    import __main__
+
+    # Lightning's launcher runs `python -m <__main__'s module> <sys.argv[1:]>` for every extra
+    # rank; under `cnnlab train` (a subcommand) that module is the one taking exactly these args.
+    __main__.__spec__ = importlib.util.find_spec("cnnlab.train")
+
+
+def _process_rank() -> int:
+    """This process's global rank: 0 unless Lightning's DDP launcher started it for another rank."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank
+
+
 def _one_log_stream() -> None:
     """The `lightning` package prints through its own console handler *and* propagates to
     the root logger; under Hydra (which owns the root handlers and the job's log file) every
@@ -258,13 +283,17 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
         network = network.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
         network.compile(mode=cfg.trainer.compile)  # in place: parameter names stay the same
+    _check_strategy(str(cfg.trainer.strategy))
     threads = _threads(cfg.trainer.threads)
     if threads:
         torch.set_num_threads(threads)
 
     fingerprint = data.fingerprint()  # hashes every pixel: once per run
     tracker = None
-    if cfg.tracking.enabled:
+    # Under DDP, Lightning runs this function again in one process per extra rank; only
+    # rank zero opens (or resumes) the MLflow run and writes the run's files.
+    rank_zero = _process_rank() == 0
+    if cfg.tracking.enabled and rank_zero:
         tracker, done = _open_run(cfg, runs, run_dir, name, {
             **provenance_tags(), "overrides": " ".join(overrides) or "(none)", "seed": cfg.seed,
             "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
@@ -312,7 +341,8 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
         if tracker:
             tracker.log_metrics({k: float(trainer.callback_metrics[k]) for k in ("test/loss", "test/acc")},
                                 step=trainer.current_epoch)
-        write_run_files(run_dir, plan, network, OmegaConf.to_yaml(cfg, resolve=True))
+        if rank_zero:
+            write_run_files(run_dir, plan, network, OmegaConf.to_yaml(cfg, resolve=True))
         if tracker:
             log_run_files(tracker, run_dir)
             if cfg.tracking.log_model:

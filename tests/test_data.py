@@ -443,7 +443,8 @@ def test_test_validation_uses_the_test_set():
 def test_setup_moves_the_memory_sets_to_the_trainer_device_once():
     dm = TensorDataModule(_indexed(50), cfg_for("synthetic"), seed=0)
     device = torch.device("meta")  # stands in for a GPU: tensors move, no data is copied
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=device), current_epoch=0)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=device), current_epoch=0,
+                                 global_rank=0, world_size=1)
     dm.setup("fit")
     val, test, train = dm.val_dataloader(), dm.test_dataloader(), dm.train_dataloader()
     assert train.x.device == device and train.y.device == device
