@@ -1,6 +1,6 @@
 """Seconds per epoch of the chapter's baseline: cnnlab (tracking on, off) vs a hand-written loop.
 
-All three run in this one process, interleaved (A B C A B C ...), on the same
+All three run in this one process, interleaved (A B C, B C A, C A B ...), on the same
 data (CIFAR-10 copy, batch 32) and the same model, so the machine's noise
 hits them alike. Each repeat trains `--epochs` epochs and keeps the last
 epoch's time (the first pays one-off warm-up). An epoch is one pass over the
@@ -137,8 +137,12 @@ def main() -> None:
                         "hand-written loop": partial(hand_loop_epoch, args, runs, repeat)}
             if keras:
                 measures[KERAS] = partial(keras_epoch, args, npz, repeat)
-            for name, measure in measures.items():
-                seconds, acc = measure()
+            # The order rotates each repeat, so no contender always runs first (right after
+            # another process freed the cores) or last.
+            names = list(measures)
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
+                seconds, acc = measures[name]()
                 times[name].append(seconds)
                 accuracy[name].append(acc)
             print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
@@ -147,7 +151,7 @@ def main() -> None:
     on, off = statistics.median(times["cnnlab, tracking on"]), statistics.median(times["cnnlab, tracking off"])
     n = args.subset or 50_000
     print(f"\nbaseline, batch 32, {n} train + 10000 test images, torch threads {torch.get_num_threads()}, "
-          f"last of {args.epochs} epochs per repeat, {args.repeats} repeats, interleaved\n")
+          f"last of {args.epochs} epochs per repeat, {args.repeats} repeats, interleaved in rotating order\n")
     print(f"| {'what':<29} | median s/epoch | min-max s | ratio to hand loop | val acc (mean) |")
     print(f"|{'-' * 31}|----------------|-----------|--------------------|----------------|")
     for name, values in times.items():
