@@ -1,16 +1,20 @@
 """The `cnnlab` command: `train`, `summary` (and more as they land).
 
 Every subcommand takes Hydra overrides (`model.bn=false data=synthetic`)
-and prints bad input as one `error: ...` line with exit status 2.
+and prints bad input as one `error: ...` line with exit status 2. `train`
+also prints a write the machine refused during the run (a full disk) as one
+`error:` line, with exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 
-from hydra.errors import HydraException, OverrideParseException
+from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.errors import ConfigError
@@ -42,11 +46,56 @@ def _summary(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from cnnlab.train import cli_main
+    from cnnlab.train import cli_main, preflight, refuse_object_overrides
 
+    refuse_object_overrides(argv)  # before anything composes them
+    preflight(argv)  # bad input: one error line and status 2, before Hydra writes anything
     sys.argv = ["cnnlab-train", *argv]  # Hydra reads its flags (-m, --cfg ...) from argv
-    cli_main()
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        cli_main()  # the user asked for Hydra's full tracebacks
+        return 0
+    # Without it, Hydra prints an error's traceback itself and exits 1; with it, the error comes
+    # back here, where a failed write (a full disk mid-run) becomes one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        cli_main()
+    except Exception as error:
+        failed = _failed_write(error)
+        if failed is None:
+            raise  # not the machine's fault: a bug, shown with its traceback
+        print(f"error: {failed}; free space or fix permissions where paths.runs points, then run "
+              f"the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 1
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
     return 0
+
+
+# A write the machine refused: a full disk or quota, a file size limit, a read-only or vanished
+# folder. SQLite says it in words (MLflow's store), the OS with an errno.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                errno.EIO, errno.ENOTDIR}
+SQLITE_WRITE_ERRORS = ("database or disk is full", "disk I/O error", "attempt to write a readonly database",
+                       "unable to open database file")
+
+
+def _failed_write(error: BaseException) -> str | None:
+    """One line for an error whose cause is a refused write, or None for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if (isinstance(current, OSError) and not isinstance(current, HydraException)
+                and current.errno in WRITE_ERRNOS):
+            code = errno.errorcode[current.errno]
+            if current.filename:
+                return f"cannot use {current.filename}: {current.strerror} ({code})"
+            return f"a write failed: {current.strerror} ({code})"  # write() on an open file names none
+        phrase = next((p for p in SQLITE_WRITE_ERRORS if p in str(current)), None)
+        if phrase:
+            return f"the MLflow store could not be written (SQLite: {phrase})"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _compare(argv: list[str]) -> int:
@@ -171,12 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[command](rest)
-    except OverrideParseException as error:
-        print(f"error: cannot parse the override '{error.override}': {error.message}",
-              file=sys.stderr)
-        return 2
     except (ConfigError, HydraException, OmegaConfBaseException) as error:
-        print(f"error: {error}", file=sys.stderr)
+        from cnnlab.config import error_text
+
+        print(f"error: {error_text(error)}", file=sys.stderr)
         return 2
 
 

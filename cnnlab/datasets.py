@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import os
 import re
 import tarfile
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnlab.errors import ConfigError
+
+log = logging.getLogger("cnnlab")
 
 # torch, torchvision, numpy and PIL are imported inside the functions that use them:
 # the trainer calls check_data_config before anything heavy, so a typo costs
@@ -174,11 +177,18 @@ def check_data_config(cfg: Mapping[str, Any]) -> None:
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise ConfigError(f"data.{key}={value!r} is not allowed; it must be a path or null")
     if name == "synthetic":
-        _check_int(cfg, "n_train", 1)
+        n_train = _check_int(cfg, "n_train", 1)
         _check_int(cfg, "n_test", 1)
         noise = _get(cfg, "noise")
         if not _is_number(noise) or noise < 0:
             raise ConfigError(f"data.noise={noise!r} is not allowed; it must be a number >= 0")
+        # Synthetic data's size is in the config: what load_dataset would find, found now.
+        source = f"synthetic data (data.n_train={n_train})"
+        if subset is not None and subset > n_train:
+            raise ConfigError(f"data.subset={subset} is larger than the {n_train} training images of "
+                              f"{source}; use at most {n_train} or null")
+        if cfg["validation"] == "split":
+            _check_split(subset or n_train, fraction, source)
     elif name == "folder":
         if cfg["archive"] is None and cfg["root"] is None:
             raise ConfigError("data=folder needs data.root=DIR (with train/ and test/) or "
@@ -207,7 +217,24 @@ def load_dataset(cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> TensorDa
     _check_data(data, shape, cfg["num_classes"])
     if cfg["subset"] is not None:
         data = _subset(data, cfg["subset"], seed)
+    if cfg["validation"] == "split":
+        _check_split(len(data.train_x), cfg["val_fraction"], data.source)
     return data
+
+
+def _check_split(n: int, fraction: float, source: str) -> None:
+    """The held-out split must leave images on both sides. The DataModule that makes the split
+    comes after the MLflow run is opened; this runs before it (from the config for synthetic
+    data, else once the data is loaded)."""
+    n_val = round(n * fraction)  # the DataModule's rule
+    if n < 2:
+        raise ConfigError(f"data.validation=split needs at least 2 training images, {source} has "
+                          f"{n}; use data.validation=test")
+    if not 1 <= n_val < n:
+        raise ConfigError(f"data.val_fraction={fraction} of the {n} training images of {source} "
+                          f"leaves {n_val} for validation and {n - n_val} for training; both need "
+                          f"at least one: use a val_fraction in [{1 / n:.3g}, {1 - 1 / n:.3g}] "
+                          f"or data.validation=test")
 
 
 def _check_data(data: TensorData, shape: tuple[int, ...], num_classes: int) -> None:
@@ -411,8 +438,12 @@ def _folder(cfg: Mapping[str, Any], cache_dir: Path) -> TensorData:
     if cfg["archive"] is not None:
         return _from_archive(Path(cfg["archive"]).expanduser(), "folder", shape, cache_dir)
     root = Path(cfg["root"]).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.root={root} is not a folder; data=folder needs a folder holding "
+                          "train/<class>/* and test/<class>/*, or data.archive=FILE.tar.gz")
     if not _is_tree(root):
-        raise ConfigError(f"data.root={root} has no train/ and test/ folders; data=folder needs "
+        missing = " and ".join(f"{split}/" for split in ("train", "test") if not (root / split).is_dir())
+        raise ConfigError(f"data.root={root} has no {missing} folder; data=folder needs "
                           "train/<class>/* and test/<class>/* there, or data.archive=FILE.tar.gz")
     return _from_tree(root, "folder", shape, cache_dir)
 
@@ -608,15 +639,21 @@ def _load_cache(cache: Path, source: str) -> TensorData:
 def _save_cache(cache: Path, data: TensorData) -> None:
     import torch
 
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file + rename: a crash or a parallel run never leaves a half-written cache.
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Temp file + rename: a crash or a parallel run never leaves a half-written cache.
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
+        os.close(fd)
         torch.save({"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x,
                     "test_y": data.test_y, "classes": list(data.classes)}, tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other runs and users read it too
         os.replace(tmp, cache)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        # The cache only saves decoding time: a full or read-only cache folder costs the next
+        # run a decode, not this run its data.
+        log.warning("could not write the decoded cache %s (%s); the next run decodes again", cache,
+                    str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

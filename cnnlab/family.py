@@ -30,6 +30,7 @@ FAMILY_KEYS = {"blocks", "widths", "kernels", "padding", "bn", "activation", "po
                "pool_size", "pool_padding", "dropout", "head", "dense"}
 POOLS = ("max", "avg", "none")
 HEADS = ("flatten", "gap")
+INITS = ("keras", "torch")  # cnnlab.build's initialisations (build imports torch; this module must not)
 
 
 def _int(cfg: Mapping, key: str, minimum: int = 1) -> int:
@@ -110,6 +111,19 @@ def expand_family(cfg: Mapping[str, Any], num_classes: int) -> list[str]:
     return tokens
 
 
+def check_common(cfg: Mapping[str, Any]) -> None:
+    """init and BatchNorm settings, which build() reads only after the data is loaded."""
+    if cfg.get("init", "keras") not in INITS:
+        raise ConfigError(f"model.init must be one of {', '.join(INITS)}, got {cfg.get('init')!r}")
+    momentum = cfg.get("bn_momentum", 0.99)
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ConfigError(f"model.bn_momentum must be a number in [0, 1) (Keras's convention: the "
+                          f"fraction of the old moving statistic kept), got {momentum!r}")
+    eps = cfg.get("bn_eps", 1e-3)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ConfigError(f"model.bn_eps must be a finite number > 0, got {eps!r}")
+
+
 def model_tokens(cfg: Mapping[str, Any], num_classes: int) -> list[Any]:
     """Layer tokens of a model config, explicit or family; unknown keys are errors."""
     keys = set(cfg)
@@ -120,6 +134,7 @@ def model_tokens(cfg: Mapping[str, Any], num_classes: int) -> list[Any]:
         kind = "an explicit layer list" if explicit else "a family"
         raise ConfigError(f"model config '{cfg.get('name')}' is {kind} and has unknown key(s) "
                           f"{', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    check_common(cfg)
     if explicit:
         layers = cfg["layers"]
         if isinstance(layers, str) or not isinstance(layers, (list, tuple)):

@@ -42,6 +42,11 @@ def check_trainer_config(cfg: Mapping[str, Any]) -> None:
     if cfg.get("compile") not in COMPILE_MODES:
         raise ConfigError(f"trainer.compile must be one of null, {', '.join(COMPILE_MODES[1:])}, "
                           f"got {cfg.get('compile')!r}")
+    if not isinstance(cfg.get("sync_batchnorm"), bool):
+        raise ConfigError(f"trainer.sync_batchnorm must be true or false, got {cfg.get('sync_batchnorm')!r}")
+    nodes = cfg.get("num_nodes")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError(f"trainer.num_nodes must be an integer >= 1, got {nodes!r}")
     if not isinstance(cfg.get("channels_last"), bool):
         raise ConfigError(f"trainer.channels_last must be true or false, got {cfg.get('channels_last')!r}")
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
@@ -50,6 +55,52 @@ def check_trainer_config(cfg: Mapping[str, Any]) -> None:
                                   or value <= 0 or (isinstance(value, float) and value > 1)):
             raise ConfigError(f"trainer.{key} must be null, a batch count >= 1 or a fraction "
                               f"in (0, 1], got {value!r}")
+    # Lightning checks the rest only when the Trainer is built, after the MLflow run exists.
+    devices = cfg.get("devices")
+    if not _devices_ok(devices):
+        raise ConfigError(f"trainer.devices must be auto, a count >= 1, -1 (all), or device indices "
+                          f"such as [0, 1] or '0,1', got {devices!r}")
+    _check_strategy_name(cfg.get("strategy"))
+    clip = cfg.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or not 0 <= clip < float("inf")):
+        raise ConfigError(f"trainer.gradient_clip_val must be null or a finite number >= 0, got {clip!r}")
+    if cfg.get("deterministic") not in (True, False, "warn"):
+        raise ConfigError(f"trainer.deterministic must be true, false or warn, got {cfg.get('deterministic')!r}")
+    if cfg.get("enable_progress_bar") not in (None, True, False):
+        raise ConfigError(f"trainer.enable_progress_bar must be null (a bar on a terminal), true or "
+                          f"false, got {cfg.get('enable_progress_bar')!r}")
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"trainer.threads must be null or an integer >= 1, got {threads!r}")
+
+
+def _devices_ok(devices: Any) -> bool:
+    """Lightning's forms: auto, a count, -1 for all, a list of indices, or '0,1'."""
+    if devices == "auto" or devices == -1:
+        return True
+    if isinstance(devices, str):
+        parts = devices.split(",")
+        if len(parts) == 1:  # '2' is a count, as 2 is
+            return parts[0].strip().isdigit() and int(parts[0]) >= 1
+        return all(p.strip().isdigit() for p in parts if p.strip()) and any(p.strip() for p in parts)
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices >= 1
+    return (isinstance(devices, list) and bool(devices) and len(set(devices)) == len(devices)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices))
+
+
+STRATEGY_EXAMPLES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "deepspeed", "single_device")
+
+
+def _check_strategy_name(strategy: Any) -> None:
+    if strategy == "auto":
+        return  # no Lightning import for the common case
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if not isinstance(strategy, str) or strategy.lower() not in StrategyRegistry.available_strategies():
+        raise ConfigError(f"trainer.strategy must be one of {', '.join(STRATEGY_EXAMPLES)} or another "
+                          f"name in Lightning's StrategyRegistry, got {strategy!r}")
 
 
 def _overrides() -> list[str]:
@@ -96,10 +147,11 @@ def _sweep_tags(overrides: list[str]) -> dict[str, str]:
 
 
 def _threads(configured: int | None) -> int | None:
-    """Torch threads: as configured, else cores split evenly between parallel sweep jobs."""
-    import os
-
+    """Torch threads: as configured, else the CPUs the launcher gave this job (cores split
+    between joblib's parallel jobs, a Ray task's num_cpus, SLURM's cpus-per-task)."""
     from hydra.core.hydra_config import HydraConfig
+
+    from cnnlab.launchers import job_threads
 
     if configured is not None:
         if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
@@ -107,12 +159,7 @@ def _threads(configured: int | None) -> int | None:
         return configured
     if not HydraConfig.initialized():
         return None
-    jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs")
-    if not isinstance(jobs, int) or jobs == 1:
-        return None
-    cores = os.cpu_count() or 1
-    jobs = jobs if jobs > 0 else max(cores + 1 + jobs, 1)  # joblib: -1 = all cores
-    return max(cores // jobs, 1)
+    return job_threads(OmegaConf.select(HydraConfig.get(), "launcher") or {})
 
 
 def _check_strategy(strategy: str) -> None:
@@ -156,18 +203,75 @@ def _container(node: Any) -> dict:
 
 def _checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
     """Every check that needs no data: fail in milliseconds, before anything is written."""
+    from cnnlab.config import check_checkpoint, check_run_config
     from cnnlab.datasets import check_data_config
     from cnnlab.optim import check_optim_config
+    from cnnlab.tracking import check_tracking_config
 
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError(f"seed must be an integer >= 0, got {cfg.seed!r}")
-    if cfg.checkpoint.mode not in ("min", "max"):
-        raise ConfigError(f"checkpoint.mode must be min or max, got {cfg.checkpoint.mode!r}")
+    # Resolving the whole config once makes a broken ${...} interpolation fail here, and
+    # unknown keys (`+trainer.max_epoch=3` would otherwise do nothing) fail by name.
+    check_run_config(_container(cfg))
     data = _container(cfg.data)
     check_data_config(data)
     check_optim_config(_container(cfg.optim))
     check_trainer_config(_container(cfg.trainer))
-    return model_plan(cfg), data
+    check_tracking_config(_container(cfg.tracking))
+    _check_accelerator(_container(cfg.trainer))
+    plan = model_plan(cfg)
+    if cfg.ckpt_path:  # a garbage file or another model's checkpoint would fail inside fit()
+        check_checkpoint(Path(cfg.ckpt_path), plan, _container(cfg.model))
+    return plan, data
+
+
+def _check_accelerator(trainer: Mapping[str, Any]) -> None:
+    """The accelerator asked for is on this machine (Lightning finds out only after the MLflow
+    run exists). Imports torch only when a device other than the CPU is asked for."""
+    accelerator, devices = trainer["accelerator"], trainer["devices"]
+    if accelerator in ("auto", "cpu"):
+        return
+    import torch
+
+    if accelerator == "tpu":
+        from lightning.pytorch.accelerators import XLAAccelerator
+
+        available, count = XLAAccelerator.is_available(), None
+    elif accelerator == "mps" or (accelerator == "gpu" and not torch.cuda.is_available()):
+        available, count = torch.backends.mps.is_available(), 1
+    else:  # gpu, cuda
+        available, count = torch.cuda.is_available(), torch.cuda.device_count()
+    if not available:
+        raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no such device; "
+                          f"use trainer.accelerator=auto or cpu")
+    wanted = (max(devices) + 1 if isinstance(devices, list) and devices
+              else devices if isinstance(devices, int) and devices > 0 else None)
+    if count is not None and wanted is not None and wanted > count:
+        raise ConfigError(f"trainer.devices={devices!r} asks for more {accelerator} devices than the "
+                          f"{count} this machine has; use at most {count}, -1 (all) or auto")
+
+
+def preflight(argv: list[str]) -> None:
+    """`cnnlab train`'s checks before Hydra starts. Hydra reports a bad override in several
+    lines with status 1, and creates the run folder before train() sees the config; composing
+    the same config here turns every bad input into one `error:` line (status 2) with nothing
+    written. It also tries the output folder and the tracking store, which train() meets only
+    after loading the data. Skipped with Hydra's own flags (-m, --cfg ...: a sweep checks each
+    job as it runs it) and for ${hydra:...} values, which resolve only inside Hydra's app."""
+    from cnnlab.config import check_writable, compose
+    from cnnlab.tracking import check_tracking, tracking_uri
+
+    if any(arg.startswith(("-", "hydra.mode")) or "${hydra:" in arg for arg in argv):
+        return
+    cfg = compose(argv)
+    _checked(cfg)
+    runs = Path(cfg.paths.runs)
+    check_writable(runs, "paths.runs")
+    uri = tracking_uri(cfg.tracking.uri, runs.resolve())
+    # A server or database now; the embedded store's folder was just tried, and train() creates
+    # the store itself (only once the data has loaded).
+    if cfg.tracking.enabled and not uri.startswith("sqlite:"):
+        check_tracking(uri, cfg.tracking.timeout_s)
 
 
 def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoint):
@@ -179,7 +283,8 @@ def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoint):
     progress = t.enable_progress_bar
     return L.Trainer(
         max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices,
-        strategy=t.strategy, precision=t.precision, deterministic=t.deterministic,
+        strategy=t.strategy, num_nodes=t.num_nodes, sync_batchnorm=t.sync_batchnorm,
+        precision=t.precision, deterministic=t.deterministic,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches, gradient_clip_val=t.gradient_clip_val,
         enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
@@ -204,7 +309,9 @@ def _open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
 
     uri = tracking_uri(cfg.tracking.uri, runs)
     check_tracking(uri, cfg.tracking.timeout_s)
-    tracker = Tracker(uri, runs)
+    # From here on a tracking server that goes away is waited for (then a clear error), and
+    # training itself keeps going through an outage (callbacks.EpochHistory).
+    tracker = Tracker(uri, runs, outage_wait_s=cfg.tracking.outage_wait_s, probe_timeout_s=cfg.tracking.timeout_s)
     id_file = run_dir / "mlflow_run_id"
     previous = id_file.read_text().strip() if id_file.is_file() else None
     status = tracker.run_status(previous) if previous else None
@@ -346,12 +453,11 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
         if tracker:
             log_run_files(tracker, run_dir)
             if cfg.tracking.log_model:
-                log_pytorch_model(tracker, network, datamodule, plan)
+                tracker.patiently(lambda: log_pytorch_model(tracker, network, datamodule, plan),
+                                  "logging the model")
     except BaseException as error:
-        if tracker:
-            tracker.set_tags({"error": f"{type(error).__name__}: {error}"})
-            tracker.log_text(f"{type(error).__name__}: {error}\n", "error.txt")
-            tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        if tracker:  # with the tracking server away, it warns and leaves the run to resume
+            tracker.mark_failed(error, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         torch.use_deterministic_algorithms(**deterministic_before)

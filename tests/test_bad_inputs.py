@@ -1,0 +1,474 @@
+"""A corpus of bad inputs, one row each, through the command line `cnnlab train` runs.
+
+Every row must give: a non-zero exit status (2 for bad input, 1 for a failure that can only
+show while training), a short `error: ...` last line on stderr naming the bad value or problem
+and what is allowed, no traceback, and no MLflow run (or exactly one FAILED run when the
+problem can only show during training). What each row expects is its `outcome`:
+
+    NOTHING   status 2, one stderr line, and nothing written under paths.runs: no MLflow
+              store, no run folder (caught before Hydra starts: cnnlab.train.preflight)
+    NO_RUN    status 2, no MLflow run; Hydra's run folder may exist (the data itself is bad,
+              found while loading it, before the run is opened)
+    FAILED    status 1 and exactly one MLflow run, marked FAILED (only training shows it)
+
+Most rows run in this process through `cnnlab.cli.main` (the console script's entry point);
+the rows marked `own_process` run `python -m cnnlab.cli train ...` to prove the no-traceback
+property end to end, and the full-disk rows need a process of their own for RLIMIT_FSIZE.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlab.cli import main
+
+TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", "tracking.log_model=false", "trainer.max_epochs=1"]
+NOTHING, NO_RUN, FAILED = "nothing written", "no MLflow run", "one FAILED run"
+FOLDER = ["data=folder", "data.shape=[3,8,8]", "data.num_classes=2"]
+
+
+@dataclass(frozen=True)
+class Case:
+    args: list[str] | Callable[[Path], list[str]]  # a callable makes its files under tmp_path first
+    words: tuple[str, ...]  # each must be in the error line: the bad value, the allowed values
+    outcome: str = NOTHING
+    own_process: bool = False  # python -m cnnlab.cli train ..., not cnnlab.cli.main here
+    file_size_limit: int | None = None  # RLIMIT_FSIZE in bytes (a full disk); own process only
+
+
+def case(name: str, args, *words: str, outcome: str = NOTHING, own_process: bool = False,
+         file_size_limit: int | None = None, marks=()):
+    return pytest.param(Case(args, words, outcome, own_process or file_size_limit is not None,
+                             file_size_limit), id=name, marks=marks)
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def _png(path: Path, size: int = 8, value: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(path)
+    return path
+
+
+def _tree(root: Path, size: int = 8, splits: tuple[str, ...] = ("train", "test")) -> Path:
+    """Two classes, two images each, in every split."""
+    for split in splits:
+        for ci, cls in enumerate(("cat", "dog")):
+            for i in range(2):
+                _png(root / split / cls / f"{i:03d}.png", size, 40 * ci + i)
+    return root
+
+
+def empty_tree(tmp: Path) -> list[str]:
+    for split in ("train", "test"):
+        (tmp / "tree" / split).mkdir(parents=True)
+    return [*FOLDER, f"data.root={tmp / 'tree'}"]
+
+
+def corrupt_png(tmp: Path) -> list[str]:
+    tree = _tree(tmp / "tree")
+    (tree / "train" / "dog" / "001.png").write_bytes(os.urandom(300))  # garbage named .png
+    return [*FOLDER, f"data.root={tree}"]
+
+
+def truncated_png(tmp: Path) -> list[str]:
+    tree = _tree(tmp / "tree", size=64)
+    image = tree / "test" / "cat" / "000.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    image.write_bytes(image.read_bytes()[:400])  # the header survives, the pixels do not
+    return ["data=folder", "data.shape=[3,64,64]", "data.num_classes=2", f"data.root={tree}"]
+
+
+def train_without_test(tmp: Path) -> list[str]:
+    return [*FOLDER, f"data.root={_tree(tmp / 'tree', splits=('train',))}"]
+
+
+def wrong_image_size(tmp: Path) -> list[str]:
+    return ["data=folder", "data.shape=[3,9,9]", "data.num_classes=2",
+            f"data.root={_tree(tmp / 'tree')}"]
+
+
+def truncated_archive(tmp: Path) -> list[str]:
+    archive = tmp / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(_tree(tmp / "tree", size=32), arcname="tree")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    return ["data=folder", "data.shape=[3,32,32]", "data.num_classes=2", f"data.archive={archive}"]
+
+
+def empty_archive(tmp: Path) -> list[str]:
+    archive = tmp / "empty.tar.gz"
+    with tarfile.open(archive, "w:gz"):
+        pass
+    return [*FOLDER, f"data.archive={archive}"]
+
+
+def labels_outside_classes(tmp: Path) -> list[str]:
+    """MNIST's IDX files whose labels run 0..10, with 10 classes (0..9) allowed."""
+    raw = tmp / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 11), ("t10k", 4)):
+        for kind, array in (("images-idx3", np.zeros((n, 28, 28))), ("labels-idx1", np.arange(n))):
+            header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes()
+            with gzip.open(raw / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + array.astype(np.uint8).tobytes())
+    return ["data=mnist", f"data.root={tmp / 'data'}", "data.download=false"]
+
+
+def garbage_checkpoint(tmp: Path) -> list[str]:
+    path = tmp / "last.ckpt"
+    path.write_bytes(os.urandom(2048))
+    return [f"ckpt_path={path}"]
+
+
+def another_models_checkpoint(tmp: Path) -> list[str]:
+    import torch
+
+    path = tmp / "other.ckpt"
+    torch.save({"epoch": 0, "state_dict": {"network.conv0.weight": torch.zeros(16, 3, 3, 3)}}, path)
+    return [f"ckpt_path={path}"]
+
+
+def closed_port(tmp: Path) -> list[str]:
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [f"tracking.uri=http://127.0.0.1:{port}", "tracking.timeout_s=3"]
+
+
+def runs_under_a_file(tmp: Path) -> list[str]:
+    (tmp / "file").write_text("a regular file, not a folder")
+    return [f"paths.runs={tmp / 'file' / 'runs'}"]
+
+
+def read_only_runs(tmp: Path) -> list[str]:
+    parent = tmp / "read-only"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        (parent / "probe").mkdir()
+    except OSError:
+        return [f"paths.runs={parent / 'runs'}"]
+    # Root ignores permission bits; a read-only file system blocks root too.
+    fallback = Path("/sys/cnnlab-bad-input-test")
+    try:
+        fallback.mkdir()
+    except OSError:
+        return [f"paths.runs={fallback / 'runs'}"]
+    fallback.rmdir()
+    pytest.skip("writes succeed under a chmod 0o500 folder (running as root) and /sys is writable; "
+                "runs-under-a-file covers an unwritable paths.runs")
+
+
+def huge_dense(tmp: Path) -> list[str]:
+    # A ~12 MB checkpoint (a 256x4096 dense layer and Adam's two moments): the 4 MiB file size
+    # limit lets the MLflow store (~1 MB) and every small file through, and stops the checkpoint.
+    return ["model.dense=[4096]"]
+
+
+# --------------------------------------------------------------------------- the corpus
+
+CASES = [
+    # model: family knobs
+    case("model-unknown-config", ["model=resnet"], "model/resnet", "baseline, custom, lenet, vgg"),
+    case("model-blocks-zero", ["model.blocks=0"], "model.blocks", ">= 1", "got 0"),
+    case("model-blocks-not-a-number", ["model.blocks=two"], "model.blocks", ">= 1", "'two'"),
+    case("model-widths-zero", ["model.widths=[0]"], "model.widths", "positive integers", "[0]"),
+    case("model-widths-per-block", ["model.blocks=2", "model.widths=[4,8,16]"], "3 entries for 2 blocks"),
+    case("model-kernel-zero", ["model.kernels=[0]"], "kernel must be a positive integer, got 0"),
+    case("model-padding", ["model.padding=full"], "model.padding", "same, valid", "'full'"),
+    case("model-activation", ["model.activation=gelu"], "model.activation",
+         "relu, sigmoid, tanh, softmax, linear", "'gelu'"),
+    case("model-pool", ["model.pool=min"], "model.pool", "max, avg, none", "'min'"),
+    case("model-head", ["model.head=attention"], "model.head", "flatten, gap", "'attention'"),
+    case("model-dropout-one-and-a-half", ["model.dropout=1.5"], "model.dropout", "[0, 1)", "1.5"),
+    case("model-dropout-negative", ["model.dropout=-0.1"], "model.dropout", "[0, 1)", "-0.1"),
+    case("model-bn-not-a-bool", ["model.bn=maybe"], "model.bn", "true or false", "'maybe'"),
+    case("model-unknown-knob", ["+model.depth=3"], "unknown key(s) depth", "allowed:", "blocks"),
+    case("model-layers-on-a-family", ["model.layers=[conv:4:3,gap,dense:4]"],
+         "Could not override 'model.layers'", "model has no key 'layers'", "allowed:", "blocks"),
+    case("model-init", ["model.init=xavier"], "model.init", "keras, torch", "'xavier'"),
+    case("model-bn-momentum", ["model.bn_momentum=1.5"], "model.bn_momentum", "[0, 1)", "1.5"),
+    case("model-bn-eps-zero", ["model.bn_eps=0"], "model.bn_eps", "> 0", "got 0"),
+    case("model-kernel-larger-than-input", ["model.kernels=[40]", "model.padding=valid"],
+         "layer 0 (conv 4 40x40, valid)", "needs at least 40x40 input, got 16x16"),
+    case("model-lenet-does-not-fit", ["model=lenet"], "layer 4 (conv 6 5x5, valid, sigmoid)",
+         "needs at least 5x5 input, got 1x1"),
+    # model: custom layer tokens
+    case("layers-unknown-token", ["model=custom", "model.layers=[conv:4:3,pool,flatten,dense:4]"],
+         "unknown layer 'pool'", "allowed: conv, dense, maxpool"),
+    case("layers-zero-filters", ["model=custom", "model.layers=[conv:0:3,flatten,dense:4]"],
+         "filters must be a positive integer, got 0"),
+    case("layers-zero-stride", ["model=custom", "model.layers=[conv:4:3:s0,flatten,dense:4]"],
+         "stride must be a positive integer, got 0"),
+    case("layers-unknown-option", ["model=custom", "model.layers=[conv:4:3:full,flatten,dense:4]"],
+         "unknown option 'full'", "same|valid"),
+    case("layers-dropout-rate", ["model=custom", "model.layers=[conv:4:3,dropout:1.2,flatten,dense:4]"],
+         "dropout rate must be in [0, 1), got 1.2"),
+    case("layers-dense-on-a-map", ["model=custom", "model.layers=[conv:4:3:same,dense:4]"],
+         "needs a flat input", "add 'flatten' or 'gap'"),
+    case("layers-wrong-class-count", ["model=custom", "model.layers=[conv:4:3,gap,dense:7]"],
+         "ends in 7", "4 classes", "dense:4"),
+    case("layers-empty", ["model=custom", "model.layers=[]"], "the layer list is empty"),
+    # data: config values
+    case("data-unknown-config", ["data=imagenet"], "data/imagenet", "cifar10, fashion_mnist, folder"),
+    case("data-unknown-name", ["data.name=imagenet"], "data.name='imagenet'", "synthetic, cifar10"),
+    case("data-unknown-key", ["+data.bogus=1"], "unknown key 'data.bogus'", "allowed in data", "batch_size"),
+    case("data-batch-size-zero", ["data.batch_size=0"], "data.batch_size=0", ">= 1"),
+    case("data-batch-size-negative", ["data.batch_size=-4"], "data.batch_size=-4", ">= 1"),
+    case("data-batch-size-text", ["data.batch_size=big"], "data.batch_size='big'", "integer >= 1"),
+    case("data-val-fraction-above-one", ["data.validation=split", "data.val_fraction=1.5"],
+         "data.val_fraction=1.5", "strictly between 0 and 1"),
+    case("data-validation-unknown", ["data.validation=train"], "data.validation='train'", "test, split"),
+    case("data-normalize-unknown", ["data.normalize=minmax"], "data.normalize='minmax'", "scale, standardize"),
+    case("data-std-zero", ["data.normalize=standardize", "data.std=[0.25,0,0.25]"], "data.std=", "> 0"),
+    case("data-mean-wrong-length", ["data.normalize=standardize", "data.mean=[0.5]"], "data.mean=[0.5]",
+         "3 numbers"),
+    case("data-one-class", ["data.num_classes=1"], "data.num_classes=1", ">= 2"),
+    case("data-shape-two-dims", ["data.shape=[3,16]"], "data.shape=[3, 16]", "3 positive integers"),
+    case("data-pipeline-unknown", ["data.pipeline=dali"], "data.pipeline='dali'", "memory, loader"),
+    case("data-crop-padding-negative", ["data.augment.crop_padding=-1"], "data.augment.crop_padding=-1",
+         ">= 0"),
+    case("data-split-leaves-no-validation", ["data.validation=split", "data.n_train=4", "data.val_fraction=0.05"],
+         "data.val_fraction=0.05", "leaves 0 for validation", "data.validation=test"),
+    case("data-subset-larger-than-train", ["data.subset=999"], "data.subset=999", "256 training images",
+         "at most 256"),
+    # data: found only with the data (before the MLflow run is opened)
+    case("folder-empty-tree", empty_tree, "train has no class folders", "train/<class>/<image>",
+         outcome=NO_RUN),
+    case("folder-garbage-png", corrupt_png, "cannot decode image", "dog/001.png", "remove or replace it",
+         outcome=NO_RUN),
+    case("folder-truncated-png", truncated_png, "cannot decode image", "cat/000.png", outcome=NO_RUN),
+    case("folder-train-without-test", train_without_test, "has no test/ folder", "test/<class>/*",
+         outcome=NO_RUN),
+    case("folder-root-missing", lambda tmp: [*FOLDER, f"data.root={tmp / 'nowhere'}"], "nowhere",
+         "is not a folder", outcome=NO_RUN),
+    case("folder-image-size", wrong_image_size, "has shape [3, 8, 8]", "data.shape=[3, 9, 9]",
+         outcome=NO_RUN),
+    case("archive-truncated", truncated_archive, "tree.tar.gz is not a readable .tar.gz", "truncated",
+         outcome=NO_RUN),
+    case("archive-empty", empty_archive, "empty.tar.gz holds no train/ and test/", outcome=NO_RUN),
+    case("archive-missing", lambda tmp: [*FOLDER, f"data.archive={tmp / 'none.tar.gz'}"],
+         "none.tar.gz does not exist", outcome=NO_RUN),
+    case("labels-outside-the-classes", labels_outside_classes, "labels in [0, 10]",
+         "data.num_classes=10 allows [0, 9]", outcome=NO_RUN),
+    # optim
+    case("optim-unknown-config", ["optim=rmsprop"], "optim/rmsprop", "adam, adamw, sgd"),
+    case("optim-unknown-name", ["optim.name=rmsprop"], "optim.name", "adam, adamw, sgd", "'rmsprop'"),
+    case("optim-unknown-schedule", ["optim.schedule=linear"], "optim.schedule",
+         "none, step, cosine, onecycle", "'linear'"),
+    case("lr-nan", ["optim.lr=nan"], "optim.lr", "finite number in (0, inf)", "got nan"),
+    case("lr-negative", ["optim.lr=-0.001"], "optim.lr", "finite number in (0, inf)", "got -0.001"),
+    case("lr-zero", ["optim.lr=0"], "optim.lr", "finite number in (0, inf)", "got 0"),
+    case("lr-infinite", ["optim.lr=inf"], "optim.lr", "finite number in (0, inf)", "got inf"),
+    case("lr-text", ["optim.lr=fast"], "optim.lr", "finite number", "'fast'"),
+    case("momentum-above-one", ["optim=sgd", "optim.momentum=1.5"], "optim.momentum", "[0, 1]", "1.5"),
+    case("weight-decay-negative", ["optim.weight_decay=-0.01"], "optim.weight_decay", "[0, inf)", "-0.01"),
+    case("optim-unknown-impl", ["optim.impl=turbo"], "optim.impl", "loop, foreach, fused", "'turbo'"),
+    case("betas-one-value", ["optim.betas=[0.9]"], "optim.betas", "two numbers in [0, 1)"),
+    # Trains in this process (the first import of Lightning and MLflow here: seconds), so it is
+    # left to `make test-slow`; disk-full-during-training keeps a FAILED row in the fast suite.
+    case("lr-so-large-the-loss-diverges", ["optim.lr=1e30", "trainer.max_epochs=2"],
+         "the training loss became", "lower optim.lr", outcome=FAILED, marks=pytest.mark.slow),
+    # trainer
+    case("epochs-zero", ["trainer.max_epochs=0"], "trainer.max_epochs", "integer >= 1", "got 0"),
+    case("epochs-negative", ["trainer.max_epochs=-3"], "trainer.max_epochs", "integer >= 1", "got -3"),
+    case("epochs-text", ["trainer.max_epochs=ten"], "trainer.max_epochs", "integer >= 1", "'ten'"),
+    case("accelerator-unknown", ["trainer.accelerator=quantum"], "trainer.accelerator",
+         "auto, cpu, gpu, cuda, mps, tpu", "'quantum'"),
+    case("accelerator-absent", ["trainer.accelerator=mps"], "trainer.accelerator=mps", "no such device",
+         "auto or cpu", marks=pytest.mark.skipif(sys.platform == "darwin", reason="Macs may have MPS")),
+    case("precision-unknown", ["trainer.precision=8"], "trainer.precision", "32-true", "bf16-mixed", "got 8"),
+    case("devices-zero", ["trainer.devices=0"], "trainer.devices", "auto, a count >= 1", "got 0"),
+    case("devices-negative", ["trainer.devices=-2"], "trainer.devices", "-1 (all)", "got -2"),
+    case("strategy-unknown", ["trainer.strategy=bogus"], "trainer.strategy", "auto, ddp", "'bogus'"),
+    case("gradient-clip-negative", ["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val", ">= 0"),
+    case("deterministic-not-a-bool", ["trainer.deterministic=maybe"], "trainer.deterministic",
+         "true, false or warn"),
+    case("limit-batches-zero", ["trainer.limit_train_batches=0"], "trainer.limit_train_batches",
+         "a batch count >= 1 or a fraction in (0, 1]"),
+    case("trainer-unknown-key", ["+trainer.max_epoch=3"], "unknown key 'trainer.max_epoch'", "max_epochs"),
+    # tracking
+    case("tracking-uri-scheme", ["tracking.uri=ftp://host/store"], "scheme 'ftp'", "sqlite:///PATH",
+         "http://HOST:PORT"),
+    case("tracking-server-unreachable", closed_port, "did not answer within 3 s", "tracking.uri=null"),
+    case("tracking-experiment-empty", ["tracking.experiment="], "tracking.experiment", "non-empty string"),
+    case("tracking-step-every-zero", ["tracking.step_every=0"], "tracking.step_every", "integer >= 1"),
+    case("tracking-timeout-negative", ["tracking.timeout_s=-1"], "tracking.timeout_s", "> 0", "got -1"),
+    case("tracking-enabled-not-a-bool", ["tracking.enabled=sometimes"], "tracking.enabled", "true or false"),
+    # checkpoint
+    case("checkpoint-monitor-unknown", ["checkpoint.monitor=val/accuracy"], "checkpoint.monitor",
+         "val/loss, val/acc, val/acc_best", "'val/accuracy'"),
+    case("checkpoint-mode-unknown", ["checkpoint.mode=up"], "checkpoint.mode", "min or max", "'up'"),
+    case("checkpoint-save-last-not-a-bool", ["checkpoint.save_last=maybe"], "checkpoint.save_last",
+         "true or false"),
+    # seed
+    case("seed-text", ["seed=abc"], "seed", "integer >= 0", "'abc'"),
+    case("seed-negative", ["seed=-1"], "seed", "integer >= 0", "got -1"),
+    case("seed-fraction", ["seed=1.5"], "seed", "integer >= 0", "got 1.5"),
+    # the config as a whole
+    case("top-level-unknown-key", ["epochs=3"], "no top-level key 'epochs'", "allowed: checkpoint",
+         own_process=True),
+    case("top-level-appended-unknown-key", ["+epochs=3"], "unknown key 'epochs'", "allowed at the top level"),
+    case("group-removed", ["~optim"], "the config has no optim", "a run needs all of"),
+    case("bad-interpolation", ["data.shape=${nope}"], "Interpolation key 'nope' not found", "data.shape"),
+    case("unparsable-override", ["model.widths=[4"], "cannot parse the override 'model.widths=[4'"),
+    case("sweep-syntax-without-multirun", ["seed=0,1"], "Ambiguous value", "--multirun"),
+    # ckpt_path
+    case("ckpt-missing", lambda tmp: [f"ckpt_path={tmp / 'gone.ckpt'}"], "gone.ckpt does not exist",
+         "or null"),
+    case("ckpt-is-a-folder", lambda tmp: [f"ckpt_path={tmp}"], "is not a file"),
+    case("ckpt-garbage", garbage_checkpoint, "last.ckpt is not a readable checkpoint",
+         "a .ckpt written by cnnlab train"),
+    case("ckpt-of-another-model", another_models_checkpoint, "other.ckpt holds another network",
+         "network.conv0.weight is [16, 3, 3, 3] there but [4, 3, 5, 5]"),
+    # the output folder
+    case("runs-under-a-file", runs_under_a_file, "is not a folder cnnlab can write to", "Not a directory",
+         own_process=True),
+    case("runs-read-only", read_only_runs, "is not a folder cnnlab can write to",
+         "point paths.runs at a writable folder"),
+    case("disk-full-before-the-run", [], "is not a folder cnnlab can write to", "File too large",
+         file_size_limit=32 * 1024),
+    case("disk-full-during-training", huge_dense, "a write failed", "File too large (EFBIG)",
+         "run the same command again", outcome=FAILED, file_size_limit=4 * 1024 * 1024),
+]
+
+
+# --------------------------------------------------------------------------- running a case
+
+
+def _key(arg: str) -> str:
+    return arg.lstrip("+~").split("=", 1)[0]
+
+
+def _command(args: list[str], tmp: Path) -> tuple[list[str], Path]:
+    """TINY, less what the case sets itself (Hydra refuses a group chosen twice, and a custom
+    layer list has no family knobs), then the case; paths.runs under tmp unless it sets one."""
+    keys = {_key(a) for a in args}
+    groups = {k for k in keys if "." not in k and k in ("model", "data", "optim")}
+    base = [a for a in TINY if _key(a) not in keys and _key(a).split(".")[0] not in groups]
+    runs = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("paths.runs=")), tmp / "runs")
+    extra = [] if any(a.startswith("paths.runs=") for a in args) else [f"paths.runs={runs}"]
+    return [*base, *extra, *args], runs
+
+
+def _in_process(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # `cnnlab train` rewrites argv for Hydra
+    # Hydra's app configures logging for its job (handlers on this test's captured streams and
+    # on a log file under tmp_path); put it back, or later tests log into closed streams.
+    loggers = [logging.getLogger(), logging.getLogger("lightning"), logging.getLogger("cnnlab")]
+    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
+    try:
+        code = main(["train", *args])
+    except SystemExit as exit_:  # raised inside Hydra's app for errors found while training
+        code = exit_.code
+    finally:
+        for logger, handlers, level in saved:
+            for handler in set(logger.handlers) - set(handlers):
+                handler.close()
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+    return code, capsys.readouterr().err
+
+
+def _in_subprocess(args: list[str], cwd: Path, file_size_limit: int | None) -> tuple[int, str]:
+    def limit_file_size() -> None:  # a full disk: writes past the limit fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    done = subprocess.run([sys.executable, "-m", "cnnlab.cli", "train", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300,
+                          preexec_fn=limit_file_size if file_size_limit else None)
+    return done.returncode, done.stderr
+
+
+def _mlflow_runs(runs: Path) -> list:
+    store = runs / "mlflow.db"
+    if not store.exists():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("bad", CASES)
+def test_bad_input_is_one_clear_error_and_no_run(bad: Case, tmp_path, capsys, monkeypatch):
+    args = bad.args(tmp_path) if callable(bad.args) else bad.args
+    command, runs = _command(args, tmp_path)
+    started = time.monotonic()
+    if bad.own_process:
+        code, err = _in_subprocess(command, tmp_path, bad.file_size_limit)
+    else:
+        code, err = _in_process(command, capsys, monkeypatch)
+    seconds = time.monotonic() - started
+
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines, f"exit {code} with nothing on stderr"
+    line = lines[-1]
+    assert line.startswith("error: ") and len(line) < 500, err
+    for word in bad.words:
+        assert word in line, f"{word!r} not in {line!r}"
+    assert code == (1 if bad.outcome == FAILED else 2), err
+
+    found = _mlflow_runs(runs)
+    if bad.outcome == FAILED:
+        assert [run.info.status for run in found] == ["FAILED"]
+    else:
+        assert found == []
+    if bad.outcome == NOTHING:
+        assert len(lines) == 1, err  # nothing else was printed: Hydra never started
+        assert not (runs / "mlflow.db").exists() and not (runs / "outputs").exists()
+        assert seconds < 20  # a config check (or an unanswered tracking server), not a run
+
+
+def test_the_corpus_covers_every_config_group():
+    ids = [param.id for param in CASES]
+    assert len(ids) == len(set(ids)) >= 45
+    for prefix in ("model-", "layers-", "data-", "folder-", "archive-", "optim-", "lr-", "epochs-",
+                   "accelerator-", "tracking-", "checkpoint-", "seed-", "top-level-", "ckpt-", "runs-",
+                   "disk-full-"):
+        assert any(i.startswith(prefix) for i in ids), prefix
+    assert {param.values[0].outcome for param in CASES} == {NOTHING, NO_RUN, FAILED}
+
+
+def test_a_refused_write_anywhere_in_the_cause_chain_is_one_line():
+    """The rows above reach a full disk through a checkpoint (an OSError); MLflow's SQLite store
+    reports one in words, wrapped twice (sqlite3 -> SQLAlchemy -> MlflowException)."""
+    import errno
+    import sqlite3
+
+    from cnnlab.cli import _failed_write
+
+    def chained(outer: Exception, inner: BaseException) -> Exception:
+        outer.__cause__ = inner
+        return outer
+
+    store = chained(RuntimeError("API request failed"),
+                    chained(RuntimeError("(sqlite3.OperationalError) database or disk is full"),
+                            sqlite3.OperationalError("database or disk is full")))
+    assert _failed_write(store) == "the MLflow store could not be written (SQLite: database or disk is full)"
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/last.ckpt.partial")
+    assert _failed_write(chained(RuntimeError("saving failed"), full)) == (
+        "cannot use /runs/last.ckpt.partial: No space left on device (ENOSPC)")
+    assert _failed_write(KeyError("val/loss")) is None  # a bug keeps its traceback
+    assert _failed_write(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None  # a read
