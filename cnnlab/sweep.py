@@ -61,8 +61,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def _tracker(config: DictConfig):
-    from cnnlab.tracking import Tracker, check_tracking, tracking_uri
+    from cnnlab.tracking import Tracker, check_tracking, check_tracking_config, tracking_uri
 
+    # tracking=server without a URI must stop the sweep, not open its parent in the embedded store.
+    check_tracking_config(OmegaConf.to_container(config.tracking, resolve=True))
     runs = Path(config.paths.runs).resolve()
     uri = tracking_uri(config.tracking.uri, runs)
     check_tracking(uri, config.tracking.timeout_s)
@@ -74,10 +76,13 @@ class MlflowSweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns a callback's exceptions into warnings and launches the jobs anyway;
-        # a store that cannot be reached must stop the sweep before any job starts.
+        # a cluster or a store that cannot be reached must stop the sweep before any job starts
+        # (the cluster first: no parent run is left behind for a sweep that never ran).
         from cnnlab.errors import ConfigError
+        from cnnlab.launchers import check_launcher
 
         try:
+            check_launcher(config)
             self._open_parent(config)
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
