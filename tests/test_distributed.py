@@ -81,3 +81,15 @@ def test_ddp_inside_a_multirun_is_refused(tmp_path):
                            "trainer.max_epochs=1"], capture_output=True, text=True, timeout=300)
     assert "trainer.strategy=ddp cannot run inside a multirun" in done.stdout + done.stderr
     assert not list(tmp_path.glob("multirun/*/*/checkpoints/*.ckpt"))  # refused before training
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("ddp_cpu", {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "sync_batchnorm": False, "num_nodes": 1}),
+    ("multi_gpu", {"accelerator": "gpu", "devices": -1, "strategy": "ddp", "sync_batchnorm": True,
+                   "precision": "bf16-mixed"}),
+    ("multi_node", {"accelerator": "gpu", "devices": 4, "num_nodes": 2, "sync_batchnorm": True}),
+])
+def test_scale_out_trainer_presets_compose_on_top_of_the_default(preset, expected):
+    trainer = OmegaConf.to_container(compose([f"trainer={preset}"]).trainer)
+    assert {k: trainer[k] for k in expected} == expected
+    assert trainer["max_epochs"] == 5 and trainer["threads"] is None  # the rest from trainer/default

@@ -133,6 +133,8 @@ def test_missing_dataset_is_a_clear_error_before_any_run(tmp_path):
     ("checkpoint.mode=best", "checkpoint.mode must be min or max"),
     ("trainer.compile=fast", "trainer.compile must be one of null, default, reduce-overhead"),
     ("trainer.channels_last=maybe", "trainer.channels_last must be true or false"),
+    ("trainer.sync_batchnorm=2", "trainer.sync_batchnorm must be true or false, got 2"),
+    ("trainer.num_nodes=0", "trainer.num_nodes must be an integer >= 1, got 0"),
 ])
 def test_bad_training_config_fails_before_any_run(tmp_path, override, fragment):
     with pytest.raises(ConfigError) as info:
@@ -240,3 +242,34 @@ def test_long_params_and_tags_are_never_cut_silently():
     cut = tag_value("y" * 9000)
     assert len(cut) == MAX_TAG_LENGTH and cut.endswith("(cut: 9000 characters in all)")
     assert tag_value("short") == "short"
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizer_implementations_make_the_same_updates(name):
+    """optim.impl picks torch's loop, foreach or fused kernel: the speed differs, the update must not."""
+    from cnnlab.optim import make_optimizer
+
+    optim = dict(compose([f"optim={name}"]).optim)
+    assert optim["impl"] == "fused"  # the default where benchmarks/optimizer_step.py shows it wins
+    # Without BN: a bias right before BN gets a gradient of float noise only, which Adam scales
+    # up to a full step, so implementations that sum in another order legitimately differ there.
+    plan = model_plan(compose(["model.bn=false"]))
+    torch.manual_seed(0)
+    start = build(plan.analysis, logits=True)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    weights = {}
+    for impl in ("loop", "foreach", "fused"):
+        network = build(plan.analysis, logits=True)
+        network.load_state_dict(start.state_dict())
+        optimizer = make_optimizer(network.parameters(), {**optim, "impl": impl})
+        assert bool(optimizer.defaults.get("fused")) is (impl == "fused")
+        assert optimizer.defaults.get("foreach") is {"loop": False, "foreach": True, "fused": None}[impl]
+        torch.manual_seed(1)  # the same dropout masks for each implementation
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(network(x), y).backward()
+            optimizer.step()
+        weights[impl] = torch.cat([p.detach().flatten() for p in network.parameters()])
+    assert not torch.equal(weights["loop"], torch.cat([p.flatten() for p in start.parameters()]))
+    for impl in ("foreach", "fused"):
+        torch.testing.assert_close(weights[impl], weights["loop"], rtol=1e-5, atol=1e-6)
