@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cnnlab.errors import ConfigError
 
+# torch is imported where optimisers are made: the trainer checks the config (check_optim_config)
+# before anything heavy, so a typo costs milliseconds, not the seconds `import torch` takes.
+if TYPE_CHECKING:
+    import torch
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# torch's three implementations of the same update: a Python loop over the tensors, one
+# multi-tensor (foreach) kernel per operation, or one fused kernel for the whole step.
+IMPLEMENTATIONS = ("loop", "foreach", "fused")
 SCHEDULES = ("none", "step", "cosine", "onecycle")
 
 
@@ -22,9 +28,10 @@ def _number(cfg: Mapping, key: str, low: float, high: float = math.inf,
         bad = value <= low if low_open else value < low
         bad = bad or value > high or math.isinf(value)
     if bad:
-        bracket = "(" if low_open else "["
-        raise ConfigError(f"optim.{key} must be a finite number in {bracket}{low:g}, {high:g}], "
-                          f"got {value!r}")
+        # An open end at infinity: "(0, inf]" would read as if inf were allowed.
+        close = ")" if math.isinf(high) else "]"
+        raise ConfigError(f"optim.{key} must be a finite number in {'(' if low_open else '['}{low:g}, "
+                          f"{high:g}{close}, got {value!r}")
     return float(value)
 
 
@@ -35,6 +42,8 @@ def check_optim_config(cfg: Mapping[str, Any]) -> None:
     if cfg.get("schedule") not in SCHEDULES:
         raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, "
                           f"got {cfg.get('schedule')!r}")
+    if cfg.get("impl") not in IMPLEMENTATIONS:
+        raise ConfigError(f"optim.impl must be one of {', '.join(IMPLEMENTATIONS)}, got {cfg.get('impl')!r}")
     _number(cfg, "lr", 0.0, low_open=True)
     _number(cfg, "eps", 0.0, low_open=True)
     _number(cfg, "weight_decay", 0.0)
@@ -55,18 +64,23 @@ def check_optim_config(cfg: Mapping[str, Any]) -> None:
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    import torch
+
     name = cfg["name"]
+    impl = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg["impl"]]
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
-                               nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"])
+                               nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"], **impl)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
     return cls(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
-               weight_decay=cfg["weight_decay"])
+               weight_decay=cfg["weight_decay"], **impl)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], max_epochs: int,
                    total_steps: int) -> dict | None:
     """A Lightning lr_scheduler config, or None."""
+    import torch
+
     schedule = cfg["schedule"]
     if schedule == "none":
         return None
