@@ -38,7 +38,7 @@ lint: install
 	$(BIN)/ruff check cnnlab tests benchmarks
 
 ui: install  ## the MLflow dashboard for the embedded store
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+	$(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///runs/mlflow.db
 
 clean:
 	rm -rf runs/outputs runs/multirun

@@ -122,3 +122,27 @@ def test_a_kill_after_the_last_checkpoint_still_logs_the_last_epoch(tmp_path, mo
     (again,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a poisoned checkpoint file would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "payload": _Payload(marker)}, evil)
+    done = subprocess.run([sys.executable, "-m", "cnnlab.cli", "train", *TINY, f"paths.runs={tmp_path / 'runs'}",
+                           f"ckpt_path={evil}"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert str(evil) in done.stderr
+    assert not marker.exists()  # loaded with weights_only=True: the payload never ran
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
