@@ -42,6 +42,8 @@ def check_trainer_config(cfg: Mapping[str, Any]) -> None:
     if cfg.get("compile") not in COMPILE_MODES:
         raise ConfigError(f"trainer.compile must be one of null, {', '.join(COMPILE_MODES[1:])}, "
                           f"got {cfg.get('compile')!r}")
+    if cfg.get("benchmark") not in (None, True, False):
+        raise ConfigError(f"trainer.benchmark must be null, true or false, got {cfg.get('benchmark')!r}")
     if not isinstance(cfg.get("sync_batchnorm"), bool):
         raise ConfigError(f"trainer.sync_batchnorm must be true or false, got {cfg.get('sync_batchnorm')!r}")
     nodes = cfg.get("num_nodes")
@@ -284,7 +286,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoint):
     return L.Trainer(
         max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices,
         strategy=t.strategy, num_nodes=t.num_nodes, sync_batchnorm=t.sync_batchnorm,
-        precision=t.precision, deterministic=t.deterministic,
+        precision=t.precision, deterministic=t.deterministic, benchmark=t.benchmark,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches, gradient_clip_val=t.gradient_clip_val,
         enable_progress_bar=sys.stderr.isatty() if progress is None else progress,

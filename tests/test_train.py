@@ -135,6 +135,7 @@ def test_missing_dataset_is_a_clear_error_before_any_run(tmp_path):
     ("trainer.channels_last=maybe", "trainer.channels_last must be true or false"),
     ("trainer.sync_batchnorm=2", "trainer.sync_batchnorm must be true or false, got 2"),
     ("trainer.num_nodes=0", "trainer.num_nodes must be an integer >= 1, got 0"),
+    ("trainer.benchmark=fast", "trainer.benchmark must be null, true or false, got 'fast'"),
 ])
 def test_bad_training_config_fails_before_any_run(tmp_path, override, fragment):
     with pytest.raises(ConfigError) as info:
@@ -273,3 +274,15 @@ def test_optimizer_implementations_make_the_same_updates(name):
     assert not torch.equal(weights["loop"], torch.cat([p.flatten() for p in start.parameters()]))
     for impl in ("foreach", "fused"):
         torch.testing.assert_close(weights[impl], weights["loop"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_trainer_benchmark_switch_reaches_cudnn(tmp_path, value):
+    from cnnlab.train import _trainer
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        _trainer(_cfg(tmp_path, f"trainer.benchmark={str(value).lower()}"), tmp_path, None, None)
+        assert torch.backends.cudnn.benchmark is value  # Lightning sets it when the Trainer is made
+    finally:
+        torch.backends.cudnn.benchmark = before
