@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cnnlab.allocator import in_effect, restart_with_settings  # noqa: E402
 from cnnlab.artifacts import read_history  # noqa: E402
 from cnnlab.build import build  # noqa: E402
 from cnnlab.config import compose, model_plan  # noqa: E402
@@ -106,6 +107,9 @@ def keras_epoch(args, npz: Path, repeat: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    # The glibc malloc settings `cnnlab train` runs with (cnnlab/allocator.py), for every
+    # contender alike: the hand loop and Keras run in this process or inherit its environment.
+    restart_with_settings([__file__, *sys.argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--archive", default=str(ARCHIVE))
     parser.add_argument("--subset", type=int, default=None)
@@ -151,7 +155,8 @@ def main() -> None:
     on, off = statistics.median(times["cnnlab, tracking on"]), statistics.median(times["cnnlab, tracking off"])
     n = args.subset or 50_000
     print(f"\nbaseline, batch 32, {n} train + 10000 test images, torch threads {torch.get_num_threads()}, "
-          f"last of {args.epochs} epochs per repeat, {args.repeats} repeats, interleaved in rotating order\n")
+          f"last of {args.epochs} epochs per repeat, {args.repeats} repeats, interleaved in rotating order,\n"
+          f"malloc: {in_effect()}\n")
     print(f"| {'what':<29} | median s/epoch | min-max s | ratio to hand loop | val acc (mean) |")
     print(f"|{'-' * 31}|----------------|-----------|--------------------|----------------|")
     for name, values in times.items():

@@ -208,7 +208,15 @@ COMMANDS = {"summary": _summary, "train": _train, "compare": _compare, "reproduc
             "report": _report, "audit": _audit}
 
 
+# Commands that train: started again once with glibc malloc settings (cnnlab/allocator.py).
+TRAINING_COMMANDS = ("train", "reproduce", "audit")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] and sys.argv[1] in TRAINING_COMMANDS:
+        from cnnlab.allocator import restart_with_settings
+
+        restart_with_settings(["-m", "cnnlab.cli", *sys.argv[1:]])
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -202,6 +202,7 @@ def provenance_tags() -> dict[str, str]:
     import torch
 
     import cnnlab
+    from cnnlab.allocator import in_effect
 
     commit = _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
@@ -216,6 +217,7 @@ def provenance_tags() -> dict[str, str]:
         "version.python": platform.python_version(),
         "host": socket.gethostname(),
         "mlflow.user": getpass.getuser(),
+        "malloc": in_effect(),  # changes speed, not numbers
     }
 
 
