@@ -276,7 +276,7 @@ def preflight(argv: list[str]) -> None:
         check_tracking(uri, cfg.tracking.timeout_s)
 
 
-def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoint):
+def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoints: list):
     import lightning as L
 
     from cnnlab.callbacks import AtomicCheckpointIO
@@ -291,7 +291,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoint):
         limit_test_batches=t.limit_test_batches, gradient_clip_val=t.gradient_clip_val,
         enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
         logger=False,  # cnnlab logs epoch metrics itself (callbacks.EpochHistory)
-        callbacks=[history, checkpoint],
+        callbacks=[history, *checkpoints],
         plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,  # Keras validates only after each epoch
         enable_model_summary=False,  # cnnlab prints its own, Keras-style
@@ -427,11 +427,19 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
         # (callbacks.py says why the order matters).
         checkpoint = ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.checkpoint.monitor,
-            mode=cfg.checkpoint.mode, save_top_k=1, save_last=cfg.checkpoint.save_last,
-            auto_insert_metric_name=False, save_on_train_epoch_end=True)
+            mode=cfg.checkpoint.mode, save_top_k=1, auto_insert_metric_name=False,
+            save_on_train_epoch_end=True)
+        checkpoints = [checkpoint]
+        if cfg.checkpoint.save_last:
+            # Not ModelCheckpoint(save_last=True): Lightning 2.6 writes that last.ckpt only in epochs
+            # where the monitored value improved, so a run resumed after a plateau went back to its
+            # last improvement. A second checkpoint with no monitor is written after every epoch.
+            checkpoints.append(ModelCheckpoint(
+                dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                enable_version_counter=False, save_on_train_epoch_end=True))
         history = EpochHistory(run_dir / "history.jsonl", tracker,
                                cfg.tracking.step_every if cfg.tracking.step_metrics else 0)
-        trainer = _trainer(cfg, run_dir, history, checkpoint)
+        trainer = _trainer(cfg, run_dir, history, checkpoints)
         if tracker and not tracker.has_params():  # a resumed run has its params already
             log_provenance(tracker)
             tracker.log_params({

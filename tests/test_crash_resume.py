@@ -14,9 +14,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-# A dense layer of 2M weights makes each checkpoint (weights + Adam's moments) about 24 MB, so
-# its write lasts long enough to be caught in the middle.
-COMMAND = ["data=synthetic", "model.widths=[16]", "model.dense=[2048]", "data.n_train=2048", "seed=7",
+# A dense layer of 4M weights makes each checkpoint (weights + Adam's moments) about 50 MB, so
+# its write lasts long enough to be caught in the middle. Lightning writes it to a temporary file
+# (in TMPDIR, which the test points at a folder of its own) and renames it into place; cnnlab's
+# AtomicCheckpointIO renames again, last.ckpt.partial -> last.ckpt, for Lightning versions that
+# write in place. A kill while that temporary file is open is a kill inside the write.
+COMMAND = ["data=synthetic", "model.widths=[16]", "model.dense=[4096]", "data.n_train=2048", "seed=7",
            "trainer.accelerator=cpu", "trainer.deterministic=true", "trainer.max_epochs=16", "trainer.threads=1",
            "trainer.enable_progress_bar=false", "tracking.log_model=false"]
 KILLS = 12
@@ -39,7 +42,7 @@ def _kill_when(job: subprocess.Popen, ready, deadline_s: float) -> bool:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
             return True
-        time.sleep(0.002)
+        time.sleep(0.001)
     return False
 
 
@@ -68,12 +71,15 @@ def test_a_dozen_random_kills_including_checkpoint_writes_change_nothing(tmp_pat
     epoch_s = statistics.median(json.loads(line)["seconds"]
                                 for line in next(whole.glob("outputs/*/*/history.jsonl")).read_text().splitlines())
     cut = tmp_path / "cut"
+    scratch = tmp_path / "scratch"  # the jobs' TMPDIR: only checkpoint writes leave files here while training
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
     rng = random.Random(2026)
     moments = {"start-up": 0, "checkpoint write": 0, "random": 0}
     mid_write, epochs = 0, []  # kills that left a half-written file; epochs done at each kill
     while sum(moments.values()) < KILLS:
         started = time.time()
-        job = subprocess.Popen(_command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        job = subprocess.Popen(_command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                start_new_session=True)
         kills = sum(moments.values())
         if kills == 0:  # while it imports, loads data, opens the MLflow run
@@ -83,7 +89,7 @@ def test_a_dozen_random_kills_including_checkpoint_writes_change_nothing(tmp_pat
             kind = "checkpoint write"
 
             def ready(started=started):
-                return _written_since(_checkpoints(cut).glob("*.partial"), started)
+                return _written_since((p for p in scratch.glob("tmp*") if p.is_file()), started)
         else:  # once it has trained one more epoch, at a random point of the next one: training,
             # validation, the checkpoint or the MLflow logging (progress by machine speed, not clock)
             delay = rng.uniform(0.0, 0.9 * epoch_s)
@@ -97,7 +103,7 @@ def test_a_dozen_random_kills_including_checkpoint_writes_change_nothing(tmp_pat
         if not _kill_when(job, ready, deadline_s=300):
             pytest.fail(f"training finished after {moments} kills; make the run longer")
         moments[kind] += 1
-        if kind == "checkpoint write" and _written_since(_checkpoints(cut).glob("*.partial"), started):
+        if kind == "checkpoint write" and _written_since((p for p in scratch.glob("tmp*") if p.is_file()), started):
             mid_write += 1  # the temporary file outlived the process: it died inside the write
         last = _checkpoints(cut) / "last.ckpt"
         # Never truncated: the checkpoint a rerun resumes from loads, safely, every time.

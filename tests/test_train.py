@@ -282,7 +282,16 @@ def test_trainer_benchmark_switch_reaches_cudnn(tmp_path, value):
 
     before = torch.backends.cudnn.benchmark
     try:
-        _trainer(_cfg(tmp_path, f"trainer.benchmark={str(value).lower()}"), tmp_path, None, None)
+        _trainer(_cfg(tmp_path, f"trainer.benchmark={str(value).lower()}"), tmp_path, None, [])
         assert torch.backends.cudnn.benchmark is value  # Lightning sets it when the Trainer is made
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_last_checkpoint_follows_every_epoch_even_when_the_monitor_does_not_improve(tmp_path):
+    """Lightning 2.6's save_last writes last.ckpt only in improving epochs; resuming must not go back."""
+    train(_cfg(tmp_path, "trainer.max_epochs=3", "checkpoint.mode=max"))  # the highest val/loss: epoch 1
+    (folder,) = (tmp_path / "outputs").glob("*/*/checkpoints")
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(folder / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
