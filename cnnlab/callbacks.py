@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cnnlab.artifacts import read_history, write_history
 from cnnlab.tracking import is_unreachable, root_cause
@@ -190,14 +188,3 @@ class EpochHistory(L.Callback):
             log.info("tracking server %s is back after %.0f s; everything kept was sent", self.tracker.uri,
                      time.monotonic() - self.away_since)
             self.away_since = None
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file, then rename it over the old one: a process
-    killed mid-write leaves the previous complete checkpoint, never a truncated one."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, path)

@@ -279,8 +279,6 @@ def preflight(argv: list[str]) -> None:
 def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoints: list):
     import lightning as L
 
-    from cnnlab.callbacks import AtomicCheckpointIO
-
     t = cfg.trainer
     progress = t.enable_progress_bar
     return L.Trainer(
@@ -292,7 +290,6 @@ def _trainer(cfg: DictConfig, run_dir: Path, history, checkpoints: list):
         enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
         logger=False,  # cnnlab logs epoch metrics itself (callbacks.EpochHistory)
         callbacks=[history, *checkpoints],
-        plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,  # Keras validates only after each epoch
         enable_model_summary=False,  # cnnlab prints its own, Keras-style
         default_root_dir=run_dir,

@@ -16,9 +16,8 @@ from mlflow.tracking import MlflowClient
 
 # A dense layer of 4M weights makes each checkpoint (weights + Adam's moments) about 50 MB, so
 # its write lasts long enough to be caught in the middle. Lightning writes it to a temporary file
-# (in TMPDIR, which the test points at a folder of its own) and renames it into place; cnnlab's
-# AtomicCheckpointIO renames again, last.ckpt.partial -> last.ckpt, for Lightning versions that
-# write in place. A kill while that temporary file is open is a kill inside the write.
+# (in TMPDIR, which the test points at a folder of its own) and renames it into place, so a
+# kill while that temporary file exists is a kill inside the write.
 COMMAND = ["data=synthetic", "model.widths=[16]", "model.dense=[4096]", "data.n_train=2048", "seed=7",
            "trainer.accelerator=cpu", "trainer.deterministic=true", "trainer.max_epochs=16", "trainer.threads=1",
            "trainer.enable_progress_bar=false", "tracking.log_model=false"]
