@@ -32,9 +32,9 @@ from torchvision.transforms import v2
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cnnlab.config import compose  # noqa: E402
-from cnnlab.data import TensorDataModule  # noqa: E402
-from cnnlab.datasets import load_dataset  # noqa: E402
+from cnnlab.config.compose import compose  # noqa: E402
+from cnnlab.data.batches import TensorDataModule  # noqa: E402
+from cnnlab.data.sources import load_dataset  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 AUGMENT = ["data.augment.crop_padding=4", "data.augment.hflip=true", "data.normalize=standardize"]

@@ -32,14 +32,15 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cnnlab.allocator import in_effect, restart_with_settings  # noqa: E402
-from cnnlab.artifacts import read_history  # noqa: E402
-from cnnlab.build import build  # noqa: E402
-from cnnlab.config import compose, model_plan  # noqa: E402
-from cnnlab.data import TensorBatches  # noqa: E402
-from cnnlab.datasets import load_dataset  # noqa: E402
-from cnnlab.optim import make_optimizer  # noqa: E402
+from cnnlab.config.compose import compose  # noqa: E402
+from cnnlab.data.batches import TensorBatches  # noqa: E402
+from cnnlab.data.sources import load_dataset  # noqa: E402
+from cnnlab.model.build import build  # noqa: E402
+from cnnlab.model.plan import model_plan  # noqa: E402
 from cnnlab.train import train  # noqa: E402
+from cnnlab.training.allocator import in_effect, restart_with_settings  # noqa: E402
+from cnnlab.training.artifacts import read_history  # noqa: E402
+from cnnlab.training.optim import make_optimizer  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 KERAS = "Keras (the chapter's program)"
@@ -107,7 +108,7 @@ def keras_epoch(args, npz: Path, repeat: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    # The glibc malloc settings `cnnlab train` runs with (cnnlab/allocator.py), for every
+    # The glibc malloc settings `cnnlab train` runs with (cnnlab/training/allocator.py), for every
     # contender alike: the hand loop and Keras run in this process or inherit its environment.
     restart_with_settings([__file__, *sys.argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

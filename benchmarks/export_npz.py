@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cnnlab.config import compose  # noqa: E402
-from cnnlab.datasets import load_dataset  # noqa: E402
+from cnnlab.config.compose import compose  # noqa: E402
+from cnnlab.data.sources import load_dataset  # noqa: E402
 
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "runs" / "cifar10.npz")

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cnnlab.build import build  # noqa: E402
-from cnnlab.config import compose, model_plan  # noqa: E402
-from cnnlab.optim import IMPLEMENTATIONS, make_optimizer  # noqa: E402
+from cnnlab.config.compose import compose  # noqa: E402
+from cnnlab.config.schema import OPTIMIZER_IMPLEMENTATIONS as IMPLEMENTATIONS  # noqa: E402
+from cnnlab.model.build import build  # noqa: E402
+from cnnlab.model.plan import model_plan  # noqa: E402
+from cnnlab.training.optim import make_optimizer  # noqa: E402
 
 
 def step_ms(network: torch.nn.Module, optim: dict, impl: str, steps: int) -> float:

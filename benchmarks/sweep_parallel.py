@@ -46,8 +46,8 @@ def warm_cache(archive: str, cache: Path) -> None:
     sys.path.insert(0, str(REPO))
     from omegaconf import OmegaConf
 
-    from cnnlab.config import compose
-    from cnnlab.datasets import load_dataset
+    from cnnlab.config.compose import compose
+    from cnnlab.data.sources import load_dataset
 
     cfg = compose([f"data.archive={archive}"])
     load_dataset(OmegaConf.to_container(cfg.data, resolve=True), cache, 0)

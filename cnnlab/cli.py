@@ -1,4 +1,4 @@
-"""The `cnnlab` command: `train`, `summary` (and more as they land).
+"""The `cnnlab` command and its subcommands (train, summary, compare, reproduce, report, audit).
 
 Every subcommand takes Hydra overrides (`model.bn=false data=synthetic`)
 and prints bad input as one `error: ...` line with exit status 2. `train`
@@ -17,7 +17,7 @@ import sys
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab.errors import ConfigError
+from cnnlab.errors import BAD_INPUT, FAILED, ConfigError, fail
 
 USAGE = """cnnlab <command> [options] [hydra overrides...]
 
@@ -32,8 +32,9 @@ commands:
 
 
 def _summary(argv: list[str]) -> int:
-    from cnnlab.config import compose, model_plan
-    from cnnlab.summary import summary_dict, summary_text
+    from cnnlab.config.compose import compose
+    from cnnlab.model.plan import model_plan
+    from cnnlab.model.summary import summary_dict, summary_text
 
     parser = argparse.ArgumentParser(prog="cnnlab summary",
                                      description="Model summary from the composed config.")
@@ -46,9 +47,9 @@ def _summary(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from cnnlab.train import cli_main, preflight, refuse_object_overrides
+    from cnnlab.train import cli_main
+    from cnnlab.training.checks import preflight
 
-    refuse_object_overrides(argv)  # before anything composes them
     preflight(argv)  # bad input: one error line and status 2, before Hydra writes anything
     sys.argv = ["cnnlab-train", *argv]  # Hydra reads its flags (-m, --cfg ...) from argv
     if os.environ.get("HYDRA_FULL_ERROR"):
@@ -63,9 +64,8 @@ def _train(argv: list[str]) -> int:
         failed = _failed_write(error)
         if failed is None:
             raise  # not the machine's fault: a bug, shown with its traceback
-        print(f"error: {failed}; free space or fix permissions where paths.runs points, then run "
-              f"the same command again to resume from the last checkpoint", file=sys.stderr)
-        return 1
+        return fail(f"{failed}; free space or fix permissions where paths.runs points, then run "
+                    f"the same command again to resume from the last checkpoint", FAILED)
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
     return 0
@@ -101,13 +101,14 @@ def _failed_write(error: BaseException) -> str | None:
 def _compare(argv: list[str]) -> int:
     from pathlib import Path
 
-    from cnnlab.compare import METRICS, compare, write_outputs
+    from cnnlab.results.compare import compare, write_outputs
+    from cnnlab.vocabulary import COMPARED_METRICS, DEFAULT_COMPARED
 
     parser = argparse.ArgumentParser(prog="cnnlab compare", description=(
         "Group runs by the knobs that vary; mean, std and 95%% CI over seeds; paired tests."))
     parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
     _store_options(parser)
-    parser.add_argument("--metric", default="val/acc_best", choices=METRICS,
+    parser.add_argument("--metric", default=DEFAULT_COMPARED, choices=COMPARED_METRICS,
                         help="the metric of the paired comparison")
     parser.add_argument("--format", default="text", choices=("text", "markdown", "csv", "latex"))
     parser.add_argument("--out", default=None, help="also write .txt/.md/.csv/.tex and plots here")
@@ -125,17 +126,18 @@ def _compare(argv: list[str]) -> int:
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", default="runs", help="the runs root holding mlflow.db (default: runs)")
-    parser.add_argument("--uri", default=None, help="a tracking URI instead of --runs")
+    parser.add_argument("--tracking-uri", "--uri", dest="uri", default=None,
+                        help="a tracking URI (sqlite:///..., http://HOST:PORT) instead of --runs")
 
 
 def _store(args) -> str:
     from pathlib import Path
 
-    from cnnlab.tracking import tracking_uri
+    from cnnlab.tracking.store import is_embedded, sqlite_path, tracking_uri
 
     uri = args.uri or tracking_uri(None, Path(args.runs))
-    if uri.startswith("sqlite:") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise ConfigError(f"no MLflow store at {uri[len('sqlite:///'):]}; train something first "
+    if is_embedded(uri) and not sqlite_path(uri).is_file():
+        raise ConfigError(f"no MLflow store at {sqlite_path(uri)}; train something first "
                           f"or point --runs/--uri at a store")
     return uri
 
@@ -143,7 +145,7 @@ def _store(args) -> str:
 def _reproduce(argv: list[str]) -> int:
     from pathlib import Path
 
-    from cnnlab.reproduce import reproduce
+    from cnnlab.results.reproduce import reproduce
 
     parser = argparse.ArgumentParser(prog="cnnlab reproduce", description=(
         "Train a logged run's exact config again, as a new run linked to it, and compare."))
@@ -166,16 +168,16 @@ def _is_run_id(target: str) -> bool:
 def _report(argv: list[str]) -> int:
     from pathlib import Path
 
-    from cnnlab.compare import METRICS
-    from cnnlab.config import slug
-    from cnnlab.report import write_report
+    from cnnlab.config.compose import slug
+    from cnnlab.results.report import write_report
+    from cnnlab.vocabulary import COMPARED_METRICS, DEFAULT_COMPARED
 
     parser = argparse.ArgumentParser(prog="cnnlab report", description=(
         "A self-contained report of one ablation: question, architectures, results with "
         "intervals and paired tests, curves, provenance; plus a LaTeX table."))
     parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
     _store_options(parser)
-    parser.add_argument("--metric", default="val/acc_best", choices=METRICS)
+    parser.add_argument("--metric", default=DEFAULT_COMPARED, choices=COMPARED_METRICS)
     parser.add_argument("--out", default=None, help="default: <runs>/reports/<target>")
     args = parser.parse_args(argv)
     run = _is_run_id(args.target)
@@ -190,7 +192,7 @@ def _audit(argv: list[str]) -> int:
     import json
     from pathlib import Path
 
-    from cnnlab.audit import audit, audit_text
+    from cnnlab.results.audit import audit, audit_text
 
     parser = argparse.ArgumentParser(prog="cnnlab audit", description=(
         "Train one configuration twice (deterministic CPU, small budget) and report the "
@@ -208,13 +210,13 @@ COMMANDS = {"summary": _summary, "train": _train, "compare": _compare, "reproduc
             "report": _report, "audit": _audit}
 
 
-# Commands that train: started again once with glibc malloc settings (cnnlab/allocator.py).
+# Commands that train: started again once with glibc malloc settings (cnnlab/training/allocator.py).
 TRAINING_COMMANDS = ("train", "reproduce", "audit")
 
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] and sys.argv[1] in TRAINING_COMMANDS:
-        from cnnlab.allocator import restart_with_settings
+        from cnnlab.training.allocator import restart_with_settings
 
         restart_with_settings(["-m", "cnnlab.cli", *sys.argv[1:]])
     argv = sys.argv[1:] if argv is None else argv
@@ -223,16 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"error: unknown command '{command}'; allowed: {', '.join(COMMANDS)}",
-              file=sys.stderr)
-        return 2
+        return fail(f"unknown command '{command}'; allowed: {', '.join(COMMANDS)}", BAD_INPUT)
     try:
         return COMMANDS[command](rest)
     except (ConfigError, HydraException, OmegaConfBaseException) as error:
-        from cnnlab.config import error_text
-
-        print(f"error: {error_text(error)}", file=sys.stderr)
-        return 2
+        return fail(error, BAD_INPUT)
 
 
 if __name__ == "__main__":

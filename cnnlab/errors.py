@@ -1,4 +1,14 @@
-"""The one exception type users see: a clear message, no traceback."""
+"""The errors users see, and the one place that turns an error into its `error:` line and exit
+status: bad input is status 2, a run that could not go on is status 1, and neither prints a
+traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+
+BAD_INPUT = 2  # nothing was trained; fix the input and run again
+FAILED = 1  # training stopped; the last good checkpoint is kept
 
 
 class ConfigError(ValueError):
@@ -12,3 +22,45 @@ class ConfigError(ValueError):
 class TrainingError(RuntimeError):
     """Training cannot go on (a loss that is not finite). The MLflow run is marked FAILED,
     the last good checkpoint is kept, and the command line prints one `error:` line (exit 1)."""
+
+
+def exit_status(error: BaseException) -> int:
+    return FAILED if isinstance(error, TrainingError) else BAD_INPUT
+
+
+def fail(error: BaseException | str, status: int | None = None) -> int:
+    """Print `error: <one line>` on stderr; return the exit status (given, or the error's own)."""
+    text = error if isinstance(error, str) else error_text(error)
+    print(f"error: {text}", file=sys.stderr)
+    return status if status is not None else exit_status(error) if isinstance(error, BaseException) else FAILED
+
+
+def error_text(error: BaseException) -> str:
+    """One line for a bad-input error: ConfigError's own, Hydra's and OmegaConf's multi-line
+    messages folded, with the allowed values named where Hydra knows them."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    def fold(text: str) -> str:
+        return "; ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the override '{error.override}': {fold(error.message)}"
+    if isinstance(error, MissingConfigException) and error.options:
+        group = str(error.missing_cfg_file).rpartition("/")[0]
+        return (f"Could not find '{error.missing_cfg_file}'; available options in '{group}': "
+                f"{', '.join(error.options)}")
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(error).startswith("Could not override"):
+        full_key = str(cause.full_key or "")
+        parent = cause.parent_node
+        if full_key and isinstance(parent, Mapping) and "not in struct" in str(cause):
+            group, _, leaf = full_key.rpartition(".")
+            where = f"{group} has no key '{leaf}'" if group else f"there is no top-level key '{leaf}'"
+            keys = sorted(str(k) for k in parent.keys() if k != "hydra")  # Hydra's own, not cnnlab's
+            return f"Could not override '{full_key}': {where}; allowed: {', '.join(keys)}"
+    if isinstance(error, OmegaConfBaseException) and str(error).strip():
+        # OmegaConf appends "full_key: ..." and "object_type=..." lines; name the key once.
+        where = f" (at {error.full_key})" if getattr(error, "full_key", None) else ""
+        return f"{str(error).strip().splitlines()[0]}{where}"
+    return fold(str(error))

@@ -2,7 +2,8 @@
 
 from mlflow.tracking import MlflowClient
 
-from cnnlab.config import compose, model_plan
+from cnnlab.config.compose import compose
+from cnnlab.model.plan import model_plan
 from cnnlab.train import train
 
 

@@ -1,4 +1,4 @@
-"""`cnnlab train` restarts itself once with glibc malloc settings (cnnlab/allocator.py)."""
+"""`cnnlab train` restarts itself once with glibc malloc settings (cnnlab/training/allocator.py)."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cnnlab.allocator import SETTINGS, SWITCH
+from cnnlab.training.allocator import SETTINGS, SWITCH
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.accelerator=cpu",
         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "tracking.log_model=false"]

@@ -4,10 +4,11 @@ import math
 
 import pytest
 
-from cnnlab.analysis import analyse, output_size, same_padding
-from cnnlab.config import compose, model_plan
+from cnnlab.config.compose import compose
 from cnnlab.errors import ConfigError
-from cnnlab.spec import parse_layers
+from cnnlab.model.plan import model_plan
+from cnnlab.model.shapes import analyse, output_size, same_padding
+from cnnlab.model.spec import parse_layers
 
 
 def test_output_size_formula_matches_the_chapter():

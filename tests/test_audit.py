@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab.audit import audit, audit_text, history_difference, verdict, weight_difference
 from cnnlab.errors import ConfigError
+from cnnlab.results.audit import audit, audit_text, history_difference, verdict, weight_difference
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.max_epochs=2",
         "trainer.enable_progress_bar=false", "seed=3"]

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnnlab.analysis import analyse, same_padding
-from cnnlab.build import build
-from cnnlab.config import compose, model_plan
+from cnnlab.config.compose import compose
 from cnnlab.errors import ConfigError
-from cnnlab.spec import Conv, Pool, parse_layers
+from cnnlab.model.build import build
+from cnnlab.model.plan import model_plan
+from cnnlab.model.shapes import analyse, same_padding
+from cnnlab.model.spec import Conv, Pool, parse_layers
 
 
 def _random_stack(rng: random.Random) -> tuple[list, tuple[int, int, int]]:
@@ -148,8 +149,11 @@ def test_logits_drop_only_a_final_softmax():
 
 
 def test_bad_builder_settings():
-    analysis = analyse(parse_layers(["flatten", "dense:2"]), (1, 2, 2))
+    # Checked once, by the model group's schema, before anything is built.
+    from cnnlab.config.schema import MODEL_LAYERS
+
+    model = {"name": "m", "init": "keras", "bn_momentum": 0.99, "bn_eps": 1e-3, "layers": ["flatten", "dense:2"]}
     with pytest.raises(ConfigError, match="model.init must be one of keras, torch, got 'xavier'"):
-        build(analysis, init="xavier")
+        MODEL_LAYERS.check({**model, "init": "xavier"})
     with pytest.raises(ConfigError, match="bn_momentum"):
-        build(analysis, bn_momentum=1.5)
+        MODEL_LAYERS.check({**model, "bn_momentum": 1.5})

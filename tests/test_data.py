@@ -21,9 +21,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cnnlab import datasets
-from cnnlab.data import TensorBatches, TensorDataModule, random_crop
-from cnnlab.datasets import TensorData, check_data_config, load_dataset
+from cnnlab.config.schema import DATA
+from cnnlab.data import sources as datasets
+from cnnlab.data.batches import TensorBatches, TensorDataModule, random_crop
+from cnnlab.data.sources import TensorData, load_dataset
 from cnnlab.errors import ConfigError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -323,34 +324,34 @@ def test_class_count_and_label_range_are_checked(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ({"name": "imagenet"}, "data.name='imagenet' is unknown; use one of: synthetic"),
-    ({"shape": [3, 32]}, r"data.shape=\[3, 32\]"),
-    ({"shape": [3, 0, 32]}, "data.shape="),
-    ({"num_classes": 1}, "data.num_classes=1"),
-    ({"batch_size": 0}, "data.batch_size=0"),
-    ({"eval_batch_size": 2.5}, "data.eval_batch_size=2.5"),
-    ({"validation": "train"}, "data.validation='train'.*test, split"),
-    ({"val_fraction": 1.0}, "data.val_fraction=1.0"),
-    ({"subset": 0}, "data.subset=0"),
-    ({"normalize": "minmax"}, "data.normalize='minmax'.*scale, standardize"),
-    ({"normalize": "standardize", "mean": [0.5]}, r"data.mean=\[0.5\].*3 numbers"),
-    ({"normalize": "standardize", "std": [0.2, 0, 0.2]}, "data.std=.*> 0"),
-    ({"augment__crop_padding": -1}, "data.augment.crop_padding=-1"),
-    ({"augment__hflip": "yes"}, "data.augment.hflip='yes'"),
-    ({"pipeline": "dali"}, "data.pipeline='dali'.*memory, loader"),
-    ({"num_workers": -2}, "data.num_workers=-2"),
-    ({"noise": -1}, "data.noise=-1"),
+    ({"name": "imagenet"}, "data.name must be one of synthetic, cifar10.*got 'imagenet'"),
+    ({"shape": [3, 32]}, r"data.shape must be \[channels, height, width\].*got \[3, 32\]"),
+    ({"shape": [3, 0, 32]}, r"data.shape must be .*got \[3, 0, 32\]"),
+    ({"num_classes": 1}, "data.num_classes must be an integer >= 2, got 1"),
+    ({"batch_size": 0}, "data.batch_size must be an integer >= 1, got 0"),
+    ({"eval_batch_size": 2.5}, "data.eval_batch_size must be an integer >= 1, got 2.5"),
+    ({"validation": "train"}, "data.validation must be one of test, split, got 'train'"),
+    ({"val_fraction": 1.0}, r"data.val_fraction must be a number in \(0, 1\), got 1.0"),
+    ({"subset": 0}, "data.subset must be null or an integer >= 1, got 0"),
+    ({"normalize": "minmax"}, "data.normalize must be one of scale, standardize, got 'minmax'"),
+    ({"normalize": "standardize", "mean": [0.5]}, r"data.mean must be 3 numbers.*got \[0.5\]"),
+    ({"normalize": "standardize", "std": [0.2, 0, 0.2]}, "data.std must be numbers > 0"),
+    ({"augment__crop_padding": -1}, "data.augment.crop_padding must be an integer >= 0, got -1"),
+    ({"augment__hflip": "yes"}, "data.augment.hflip must be true or false, got 'yes'"),
+    ({"pipeline": "dali"}, "data.pipeline must be one of memory, loader, got 'dali'"),
+    ({"num_workers": -2}, "data.num_workers must be an integer >= 0, got -2"),
+    ({"noise": -1}, r"data.noise must be a finite number in \[0, inf\), got -1"),
 ])
 def test_bad_config_values_are_named(override, expected):
     with pytest.raises(ConfigError, match=expected):
-        check_data_config(cfg_for("synthetic", **override))
+        DATA.check(cfg_for("synthetic", **override))
 
 
 def test_missing_key_is_named():
     cfg = cfg_for("synthetic")
     del cfg["pipeline"]
     with pytest.raises(ConfigError, match="data.pipeline is missing"):
-        check_data_config(cfg)
+        DATA.check(cfg)
 
 
 # --------------------------------------------------------------------------- memory pipeline

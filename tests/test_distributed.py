@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from cnnlab.build import build
-from cnnlab.config import compose, model_plan
-from cnnlab.data import TensorBatches, TensorDataModule
-from cnnlab.datasets import load_dataset
+from cnnlab.config.compose import compose
+from cnnlab.data.batches import TensorBatches, TensorDataModule
+from cnnlab.data.sources import load_dataset
+from cnnlab.model.build import build
+from cnnlab.model.plan import model_plan
 
 DDP = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.accelerator=cpu", "trainer.devices=2",
        "trainer.strategy=ddp", "trainer.enable_progress_bar=false", "tracking.log_model=false", "seed=3"]

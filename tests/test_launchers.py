@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-import cnnlab.launchers as launchers
+import cnnlab.training.launchers as launchers
 from cnnlab.errors import ConfigError
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.max_epochs=1",
@@ -197,7 +197,8 @@ def test_slurm_preset_composes_with_partition_gpus_time_and_array_parallelism():
     assert ray["_target_"].endswith("RayLauncher")
     assert ray["ray"]["init"]["address"] == "head:6379" and ray["ray"]["remote"]["num_cpus"] == 1
     assert ray["ray"]["init"]["object_store_memory"] is None  # ray.init refuses it for a running cluster
-    assert ray["ray"]["init"]["runtime_env"]["worker_process_setup_hook"] == "cnnlab.launchers.ray_worker_setup"
+    hook = ray["ray"]["init"]["runtime_env"]["worker_process_setup_hook"]
+    assert hook == "cnnlab.training.launchers.ray_worker_setup"
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is not None, reason="SLURM is installed here")

@@ -18,11 +18,11 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnlab.artifacts import read_history, write_history
-from cnnlab.callbacks import EPOCH_KEY, EPOCH_METRICS, PENDING_FILE, EpochHistory
-from cnnlab.config import compose
-from cnnlab.tracking import Tracker, TrackingUnavailable
+from cnnlab.config.compose import compose
+from cnnlab.tracking.writer import Tracker, TrackingUnavailable
 from cnnlab.train import train
+from cnnlab.training.artifacts import read_history, write_history
+from cnnlab.training.epoch_log import EPOCH_KEY, EPOCH_METRICS, PENDING_FILE, EpochHistory
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "tracking.log_model=false"]
@@ -33,7 +33,7 @@ STEP_EVERY = 3
 # epoch boundary and need it to stay away across later ones, whatever the machine's speed.
 PACED = """
 import os, sys, time
-from cnnlab.callbacks import EpochHistory
+from cnnlab.training.epoch_log import EpochHistory
 end = EpochHistory.on_train_epoch_end
 def paced(self, trainer, module):
     end(self, trainer, module)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cnnlab.artifacts import RUN_FILES
+from cnnlab.training.artifacts import RUN_FILES
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.accelerator=cpu", "trainer.threads=1",
         "trainer.enable_progress_bar=false", "trainer.max_epochs=2", "tracking.experiment=writers"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cnnlab.config import compose
-from cnnlab.datasets import DEBIAN_FASHION_MNIST
+from cnnlab.config.compose import compose
+from cnnlab.data.sources import DEBIAN_FASHION_MNIST
 from cnnlab.train import train
 
 pytestmark = pytest.mark.slow

@@ -8,10 +8,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnlab.config import compose
+from cnnlab.config.compose import compose
 from cnnlab.errors import TrainingError
-from cnnlab.module import Classifier
 from cnnlab.train import train
+from cnnlab.training.module import Classifier
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "tracking.log_model=false"]
@@ -105,7 +105,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
 def test_a_kill_after_the_last_checkpoint_still_logs_the_last_epoch(tmp_path, monkeypatch):
     """The narrowest window: the last epoch's checkpoint is on disk but its metrics are not yet in
     MLflow. Running again has nothing left to train and must still send that epoch."""
-    from cnnlab.callbacks import EpochHistory
+    from cnnlab.training.epoch_log import EpochHistory
 
     def killed(self, trainer, module):
         raise RuntimeError("killed")

@@ -11,9 +11,9 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from cnnlab.compare import compare
 from cnnlab.errors import ConfigError
-from cnnlab.report import write_report
+from cnnlab.results.compare import compare
+from cnnlab.results.report import write_report
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.max_epochs=1",
         "trainer.accelerator=cpu", "tracking.log_model=false"]

@@ -6,9 +6,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnlab.cli import main as cli
-from cnnlab.config import compose
+from cnnlab.config.compose import compose
 from cnnlab.errors import ConfigError
-from cnnlab.reproduce import reproduce
+from cnnlab.results.reproduce import reproduce
 from cnnlab.train import train
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.max_epochs=2",

@@ -12,12 +12,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer, free_port
 
-from cnnlab.artifacts import read_history
-from cnnlab.callbacks import EPOCH_METRICS
-from cnnlab.compare import compare
-from cnnlab.config import compose
+from cnnlab.config.compose import compose
 from cnnlab.errors import ConfigError
+from cnnlab.results.compare import compare
 from cnnlab.train import train
+from cnnlab.training.artifacts import read_history
+from cnnlab.training.epoch_log import EPOCH_METRICS
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false"]

@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from cnnlab.errors import ConfigError
-from cnnlab.family import model_tokens
-from cnnlab.spec import (
+from cnnlab.model.family import model_tokens
+from cnnlab.model.spec import (
     Activation,
     BatchNorm,
     Conv,
@@ -84,7 +84,7 @@ def test_parsing_does_not_import_torch():
     # The language and the analysis must stay cheap: run them in a fresh interpreter.
     import subprocess
 
-    code = ("import sys; from cnnlab.analysis import analyse; from cnnlab.spec import parse_layers;"
+    code = ("import sys; from cnnlab.model.shapes import analyse; from cnnlab.model.spec import parse_layers;"
             "analyse(parse_layers(['conv:6:5:same','flatten','dense:10']), (3, 32, 32));"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -120,8 +120,8 @@ def test_family_knobs_are_one_word_ablations():
     ({"bn": "yes"}, "model.bn must be true or false"),
     ({"dropout": 1.5}, "model.dropout must be a number in [0, 1)"),
     ({"blocks": 0}, "model.blocks must be an integer >= 1, got 0"),
-    ({"kernels": []}, "model.kernels must list at least one kernel"),
-    ({"colour": "red"}, "unknown key(s) colour"),
+    ({"kernels": []}, "model.kernels must be a list of at least one kernel"),
+    ({"colour": "red"}, "unknown key 'model.colour'"),
 ])
 def test_bad_family_knobs(override, fragment):
     with pytest.raises(ConfigError) as info:

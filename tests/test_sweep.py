@@ -10,8 +10,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cnnlab.cli import main as cli
-from cnnlab.compare import compare, paired
 from cnnlab.errors import ConfigError
+from cnnlab.results.compare import compare, paired
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.max_epochs=1",
         "trainer.accelerator=cpu", "tracking.log_model=false"]

@@ -11,9 +11,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnlab.build import build
-from cnnlab.config import compose, model_plan
+from cnnlab.config.compose import compose
 from cnnlab.errors import ConfigError
+from cnnlab.model.build import build
+from cnnlab.model.plan import model_plan
 from cnnlab.train import train
 
 TINY = ["data=synthetic", "model=baseline", "model.widths=[4]", "model.dense=[8]",
@@ -130,7 +131,7 @@ def test_missing_dataset_is_a_clear_error_before_any_run(tmp_path):
     ("data.batch_size=0", "data.batch_size"),
     ("trainer.max_epochs=0", "trainer.max_epochs must be an integer >= 1, got 0"),
     ("trainer.precision=8", "trainer.precision must be one of"),
-    ("checkpoint.mode=best", "checkpoint.mode must be min or max"),
+    ("checkpoint.mode=best", "checkpoint.mode must be one of min, max"),
     ("trainer.compile=fast", "trainer.compile must be one of null, default, reduce-overhead"),
     ("trainer.channels_last=maybe", "trainer.channels_last must be true or false"),
     ("trainer.sync_batchnorm=2", "trainer.sync_batchnorm must be true or false, got 2"),
@@ -211,9 +212,9 @@ def test_folder_dataset_trains(tmp_path):
 def test_history_rows_reach_mlflow_once_even_after_a_kill(tmp_path):
     """A killed run may have written an epoch's row (and checkpoint) but not logged it: the
     next flush sends exactly the missing rows, and flushing again sends nothing."""
-    from cnnlab.artifacts import write_history
-    from cnnlab.callbacks import EpochHistory
-    from cnnlab.tracking import Tracker
+    from cnnlab.tracking.writer import Tracker
+    from cnnlab.training.artifacts import write_history
+    from cnnlab.training.epoch_log import EpochHistory
 
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)
     tracker.start("flush", "r", tags={})
@@ -237,7 +238,7 @@ def test_throttled_step_metrics(tmp_path):
 
 
 def test_long_params_and_tags_are_never_cut_silently():
-    from cnnlab.tracking import MAX_PARAM_LENGTH, MAX_TAG_LENGTH, param_value, tag_value
+    from cnnlab.tracking.writer import MAX_PARAM_LENGTH, MAX_TAG_LENGTH, param_value, tag_value
 
     assert param_value("x" * (MAX_PARAM_LENGTH + 1)).startswith("(too long for an MLflow param: 6001")
     cut = tag_value("y" * 9000)
@@ -248,7 +249,7 @@ def test_long_params_and_tags_are_never_cut_silently():
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_optimizer_implementations_make_the_same_updates(name):
     """optim.impl picks torch's loop, foreach or fused kernel: the speed differs, the update must not."""
-    from cnnlab.optim import make_optimizer
+    from cnnlab.training.optim import make_optimizer
 
     optim = dict(compose([f"optim={name}"]).optim)
     assert optim["impl"] == "fused"  # the default where benchmarks/optimizer_step.py shows it wins
@@ -278,11 +279,11 @@ def test_optimizer_implementations_make_the_same_updates(name):
 
 @pytest.mark.parametrize("value", [True, False])
 def test_trainer_benchmark_switch_reaches_cudnn(tmp_path, value):
-    from cnnlab.train import _trainer
+    from cnnlab.training.trainer import make_trainer
 
     before = torch.backends.cudnn.benchmark
     try:
-        _trainer(_cfg(tmp_path, f"trainer.benchmark={str(value).lower()}"), tmp_path, None, [])
+        make_trainer(_cfg(tmp_path, f"trainer.benchmark={str(value).lower()}"), tmp_path, [])
         assert torch.backends.cudnn.benchmark is value  # Lightning sets it when the Trainer is made
     finally:
         torch.backends.cudnn.benchmark = before

@@ -61,10 +61,12 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def _tracker(config: DictConfig):
-    from cnnlab.tracking import Tracker, check_tracking, check_tracking_config, tracking_uri
+    from cnnlab.config.schema import TRACKING
+    from cnnlab.tracking.store import check_tracking, tracking_uri
+    from cnnlab.tracking.writer import Tracker
 
     # tracking=server without a URI must stop the sweep, not open its parent in the embedded store.
-    check_tracking_config(OmegaConf.to_container(config.tracking, resolve=True))
+    TRACKING.check(OmegaConf.to_container(config.tracking, resolve=True))
     runs = Path(config.paths.runs).resolve()
     uri = tracking_uri(config.tracking.uri, runs)
     check_tracking(uri, config.tracking.timeout_s)
@@ -78,21 +80,20 @@ class MlflowSweep(Callback):
         # Hydra turns a callback's exceptions into warnings and launches the jobs anyway;
         # a cluster or a store that cannot be reached must stop the sweep before any job starts
         # (the cluster first: no parent run is left behind for a sweep that never ran).
-        from cnnlab.errors import ConfigError
-        from cnnlab.launchers import check_launcher
+        from cnnlab.errors import ConfigError, fail
+        from cnnlab.training.launchers import check_launcher
 
         try:
             check_launcher(config)
             self._open_parent(config)
         except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(fail(error))
 
     def _open_parent(self, config: DictConfig) -> None:
         if not config.tracking.enabled:
             return
-        from cnnlab.config import slug
-        from cnnlab.tracking import provenance_tags
+        from cnnlab.tracking.provenance import provenance_tags
+        from cnnlab.tracking.store import artifact_location
 
         tracker, runs = _tracker(config)
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -108,8 +109,7 @@ class MlflowSweep(Callback):
         varying = swept_keys(config)
         launcher = OmegaConf.select(config, "hydra.launcher._target_") or "?"
         sweeper = OmegaConf.select(config, "hydra.sweeper._target_") or "?"
-        artifacts = ((runs / "mlartifacts" / slug(config.tracking.experiment)).as_uri()
-                     if tracker.uri.startswith("sqlite:") else None)
+        artifacts = artifact_location(tracker.uri, runs, config.tracking.experiment)
         tracker.start(config.tracking.experiment, "sweep " + " ".join(
             f"{k}={v}" for k, v in varying.items()), artifact_location=artifacts, tags={
             **provenance_tags(), "sweep": "parent", "sweep.keys": ",".join(varying),
@@ -125,7 +125,7 @@ class MlflowSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.tracking.enabled:
             return
-        from cnnlab.compare import compare, write_outputs
+        from cnnlab.results.compare import compare, write_outputs
 
         tracker, _ = _tracker(config)
         sweep_dir = Path(config.hydra.sweep.dir)

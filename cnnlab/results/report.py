@@ -1,6 +1,6 @@
 """One ablation -> report.md, report.html (self-contained) and table.tex.
 
-Every number comes from `cnnlab.compare.compare` (the table, the paired
+Every number comes from `cnnlab.results.compare.compare` (the table, the paired
 comparisons, the warnings, the plots) or is read from MLflow as logged (the
 expanded layer lists, provenance tags): nothing is recomputed here, so the
 report cannot disagree with `cnnlab compare`.
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cnnlab.compare import Comparison, compare, plot
+from cnnlab.results.compare import Comparison, compare, plot
+from cnnlab.tracking.reader import Reader
+from cnnlab.vocabulary import DEFAULT_COMPARED
 
 PROVENANCE_TAGS = ("mlflow.source.git.commit", "git.dirty", "version.torch", "version.lightning",
                    "version.mlflow", "host")
@@ -28,19 +30,17 @@ MISSING = "--"
 
 
 def write_report(uri: str, experiment: str | None = None, parent: str | None = None, *, out: Path,
-                 metric: str = "val/acc_best") -> dict[str, Path]:
+                 metric: str = DEFAULT_COMPARED) -> dict[str, Path]:
     """Write the report of an experiment or a sweep's parent run into `out`; return the files by name.
 
     With `parent`, the files are also logged to that run under `report/`.
     """
-    from mlflow.tracking import MlflowClient
-
     result = compare(uri, experiment=experiment, parent=parent, metric=metric)  # ConfigError on bad input
-    client = MlflowClient(tracking_uri=uri)
+    reader = Reader(uri)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    question = _question(client, result, experiment, parent)
-    runs = {run_id: client.get_run(run_id) for run_id in result.runs["run_id"]}
+    question = _question(reader, result, experiment, parent)
+    runs = {run_id: reader.run(run_id) for run_id in result.runs["run_id"]}
     architecture = _architecture(result, runs)
     provenance, summary = _provenance(result, runs)
     images = plot(result, uri, out)
@@ -52,15 +52,15 @@ def write_report(uri: str, experiment: str | None = None, parent: str | None = N
     paths.update({image.name: image for image in images})
     if parent:
         for path in paths.values():
-            client.log_artifact(parent, str(path), "report")
+            reader.attach(parent, path, "report")
     return paths
 
 
-def _question(client, result: Comparison, experiment: str | None, parent: str | None) -> list[tuple[str, str]]:
+def _question(reader: Reader, result: Comparison, experiment: str | None, parent: str | None) -> list[tuple[str, str]]:
     """(label, value) lines: what was asked and which knobs answer it."""
     if parent:
-        run = client.get_run(parent)
-        name = client.get_experiment(run.info.experiment_id).name
+        run = reader.run(parent)
+        name = reader.experiment_name(run.info.experiment_id)
         lines = [("Experiment", name), ("Sweep parent run", parent),
                  ("Swept knobs (sweep.keys)", run.data.tags.get("sweep.keys") or "(none recorded)")]
     else:

@@ -19,11 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.analysis import Analysis, LayerInfo
-from cnnlab.errors import ConfigError
-from cnnlab.spec import Activation, BatchNorm, Conv, Dense, Dropout, Flatten, GlobalAvgPool, Pool
-
-INITS = ("keras", "torch")
+from cnnlab.model.shapes import Analysis, LayerInfo
+from cnnlab.model.spec import Activation, BatchNorm, Conv, Dense, Dropout, Flatten, GlobalAvgPool, Pool
 
 
 def _torch_pads(padding: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -160,14 +157,9 @@ def build(analysis: Analysis, init: str = "keras", bn_momentum: float = 0.99,
     """Build the network the analysis describes.
 
     With `logits=True` a final softmax is left out, so training can use
-    cross-entropy on logits (numerically safer); prediction applies it.
+    cross-entropy on logits (numerically safer); prediction applies it. `init`, `bn_momentum`
+    and `bn_eps` come checked (cnnlab.config.schema: model.init, model.bn_momentum, model.bn_eps).
     """
-    if init not in INITS:
-        raise ConfigError(f"model.init must be one of {', '.join(INITS)}, got '{init}'")
-    if not 0.0 <= bn_momentum < 1.0:
-        raise ConfigError(f"model.bn_momentum must be in [0, 1) (Keras convention), got {bn_momentum}")
-    if not bn_eps > 0:
-        raise ConfigError(f"model.bn_eps must be > 0, got {bn_eps}")
     modules = [pair for layer in analysis.layers
                for pair in _layer_modules(layer, bn_momentum, bn_eps)]
     if logits and ends_in_softmax(analysis):

@@ -6,9 +6,9 @@ does; the JSON lists shapes as (C, H, W), PyTorch's layout.
 
 from __future__ import annotations
 
-from cnnlab.analysis import ReceptiveField, format_shape
-from cnnlab.config import ModelPlan
-from cnnlab.spec import describe
+from cnnlab.model.plan import ModelPlan
+from cnnlab.model.shapes import ReceptiveField, format_shape
+from cnnlab.model.spec import describe
 
 
 def _pair(values) -> str:

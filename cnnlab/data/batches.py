@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from cnnlab.datasets import TensorData, check_data_config
+from cnnlab.data.sources import TensorData
 from cnnlab.errors import ConfigError
 
 # Independent random streams derived from the run seed.
@@ -140,7 +140,6 @@ class TensorDataModule(L.LightningDataModule):
 
     def __init__(self, data: TensorData, cfg: Mapping[str, Any], seed: int) -> None:
         super().__init__()
-        check_data_config(cfg)
         self.data, self.cfg, self.seed = data, dict(cfg), seed
         self.classes = list(data.classes)
         self.num_classes = len(self.classes)

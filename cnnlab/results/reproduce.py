@@ -17,8 +17,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from cnnlab.errors import ConfigError
+from cnnlab.tracking.reader import Reader
+from cnnlab.vocabulary import ALL_METRICS as COMPARED
 
-COMPARED = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc")
 # Tags whose difference would explain a mismatch.
 CONTEXT = {"mlflow.source.git.commit": "code version (git commit)", "git.dirty": "uncommitted changes",
            "version.torch": "torch version", "version.lightning": "lightning version",
@@ -45,15 +46,9 @@ class Reproduction:
         return "\n".join(lines)
 
 
-def _original(client, run_id: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ConfigError(f"no MLflow run '{run_id}' in {client.tracking_uri}") from None
-    names = {a.path for a in client.list_artifacts(run_id)}
-    if "config.yaml" not in names:
+def _original(reader: Reader, run_id: str):
+    run = reader.run(run_id)
+    if "config.yaml" not in reader.artifact_names(run_id):
         raise ConfigError(f"run {run_id} has no logged config (config.yaml artifact); only runs "
                           f"that finished under cnnlab train can be reproduced")
     return run
@@ -68,14 +63,12 @@ def _verdict(a: float, b: float, tolerance: float) -> str:
 def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = None,
               tolerance: float | None = None) -> Reproduction:
     """Train the run's config again (with optional overrides) and compare every metric."""
-    from mlflow.tracking import MlflowClient
+    from cnnlab.config.compose import config_hash
+    from cnnlab.training.run import train
 
-    from cnnlab.config import config_hash
-    from cnnlab.train import train
-
-    client = MlflowClient(tracking_uri=uri)
-    original = _original(client, run_id)
-    text = Path(client.download_artifacts(run_id, "config.yaml")).read_text()
+    reader = Reader(uri)
+    original = _original(reader, run_id)
+    text = reader.read_text(run_id, "config.yaml")
     cfg = OmegaConf.create(text)
     name = original.data.tags.get("mlflow.runName", run_id)
     OmegaConf.set_struct(cfg, True)  # an override of a key the run did not have is an error
@@ -85,9 +78,8 @@ def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = N
     # Named by the config it trains: the same reproduction again is found, not repeated.
     cfg.tracking.run_name = f"reproduce-{name}-{config_hash(cfg)[:8]}"
     train(cfg, tags={"reproduces": run_id})
-    (new,) = client.search_runs([original.info.experiment_id],
-                                filter_string=f"tags.reproduces = '{run_id}'",
-                                order_by=["attributes.start_time DESC"], max_results=1)
+    (new,) = reader.search([original.info.experiment_id], f"tags.reproduces = '{run_id}'",
+                           order_by=["attributes.start_time DESC"], max_results=1)
     on_cpu = original.data.tags.get("device") == "cpu" == new.data.tags.get("device")
     if tolerance is None:
         tolerance = 0.0 if on_cpu else 0.01  # GPUs' kernels are not bitwise repeatable

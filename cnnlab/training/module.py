@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnlab.errors import TrainingError
-from cnnlab.optim import make_optimizer, make_scheduler
+from cnnlab.training.optim import make_optimizer, make_scheduler
 
 
 class Classifier(L.LightningModule):

@@ -2,7 +2,7 @@
 
 `load_dataset(cfg, cache_dir, seed)` returns a `TensorData`: the whole train and
 test sets as (N, C, H, W) uint8 tensors plus int64 labels. Everything after that
-(batching, normalisation, augmentation) happens on tensors, in `cnnlab.data`.
+(batching, normalisation, augmentation) happens on tensors, in `cnnlab.data.batches`.
 
 Where the images come from, by `cfg["name"]`:
 
@@ -43,15 +43,11 @@ from cnnlab.errors import ConfigError
 log = logging.getLogger("cnnlab")
 
 # torch, torchvision, numpy and PIL are imported inside the functions that use them:
-# the trainer calls check_data_config before anything heavy, so a typo costs
+# the trainer checks the config (cnnlab.config.schema) before anything heavy, so a typo costs
 # milliseconds, not the two seconds `import torchvision` takes.
 if TYPE_CHECKING:
     import torch
 
-DATA_NAMES = ("synthetic", "cifar10", "mnist", "fashion_mnist", "folder")
-VALIDATIONS = ("test", "split")
-NORMALIZATIONS = ("scale", "standardize")
-PIPELINES = ("memory", "loader")
 
 # Debian's `dataset-fashion-mnist` package; a module constant so tests can point it elsewhere.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -93,117 +89,12 @@ class TensorData:
         return digest.hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------- config checks
-
-
-def _get(cfg: Mapping[str, Any], key: str) -> Any:
-    if key not in cfg:
-        raise ConfigError(f"data.{key} is missing; see conf/data/cifar10.yaml for the schema")
-    return cfg[key]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(cfg: Mapping[str, Any], key: str, minimum: int, prefix: str = "data.") -> int:
-    value = _get(cfg, key)
-    if not _is_int(value) or value < minimum:
-        raise ConfigError(f"{prefix}{key}={value!r} is not allowed; it must be an integer "
-                          f">= {minimum}")
-    return value
-
-
-def _check_choice(cfg: Mapping[str, Any], key: str, allowed: Sequence[str]) -> str:
-    value = _get(cfg, key)
-    if value not in allowed:
-        raise ConfigError(f"data.{key}={value!r} is not allowed; use one of: {', '.join(allowed)}")
-    return value
-
-
-def check_data_config(cfg: Mapping[str, Any]) -> None:
-    """Raise ConfigError naming the first bad value in a data config; cheap, touches no files."""
-    name = _get(cfg, "name")
-    if name not in DATA_NAMES:
-        raise ConfigError(f"data.name={name!r} is unknown; use one of: {', '.join(DATA_NAMES)}")
-    shape = _get(cfg, "shape")
-    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
-            or not all(_is_int(s) and s >= 1 for s in shape)):
-        raise ConfigError(f"data.shape={shape!r} is not allowed; it must be 3 positive integers "
-                          "[channels, height, width]")
-    _check_int(cfg, "num_classes", 2)
-    _check_int(cfg, "batch_size", 1)
-    _check_int(cfg, "eval_batch_size", 1)
-    _check_choice(cfg, "validation", VALIDATIONS)
-    fraction = _get(cfg, "val_fraction")
-    if not _is_number(fraction) or not 0 < fraction < 1:
-        raise ConfigError(f"data.val_fraction={fraction!r} is not allowed; it must be a number "
-                          "strictly between 0 and 1")
-    subset = _get(cfg, "subset")
-    if subset is not None and (not _is_int(subset) or subset < 1):
-        raise ConfigError(f"data.subset={subset!r} is not allowed; use null (all images) or an "
-                          "integer >= 1")
-    # mean/std are read only by `standardize`; checking them under `scale` would make
-    # data.shape=[1,...] overrides fail on an unused 3-channel default.
-    if _check_choice(cfg, "normalize", NORMALIZATIONS) == "standardize":
-        for key in ("mean", "std"):
-            values = _get(cfg, key)
-            if (not isinstance(values, (list, tuple)) or len(values) != shape[0]
-                    or not all(_is_number(v) for v in values)):
-                raise ConfigError(f"data.{key}={values!r} is not allowed; normalize=standardize "
-                                  f"needs {shape[0]} numbers, one per channel of "
-                                  f"data.shape={list(shape)}")
-        if not all(v > 0 for v in cfg["std"]):
-            raise ConfigError(f"data.std={cfg['std']!r} is not allowed; every entry must be > 0")
-    augment = _get(cfg, "augment")
-    if not isinstance(augment, Mapping):
-        raise ConfigError(f"data.augment={augment!r} is not allowed; it must be a mapping with "
-                          "crop_padding and hflip")
-    _check_int(augment, "crop_padding", 0, prefix="data.augment.")
-    hflip = augment.get("hflip")
-    if not isinstance(hflip, bool):
-        raise ConfigError(f"data.augment.hflip={hflip!r} is not allowed; use true or false")
-    _check_choice(cfg, "pipeline", PIPELINES)
-    _check_int(cfg, "num_workers", 0)
-    download = _get(cfg, "download")
-    if not isinstance(download, bool):
-        raise ConfigError(f"data.download={download!r} is not allowed; use true or false")
-    for key in ("root", "archive"):
-        value = _get(cfg, key)
-        if value is not None and not isinstance(value, (str, os.PathLike)):
-            raise ConfigError(f"data.{key}={value!r} is not allowed; it must be a path or null")
-    if name == "synthetic":
-        n_train = _check_int(cfg, "n_train", 1)
-        _check_int(cfg, "n_test", 1)
-        noise = _get(cfg, "noise")
-        if not _is_number(noise) or noise < 0:
-            raise ConfigError(f"data.noise={noise!r} is not allowed; it must be a number >= 0")
-        # Synthetic data's size is in the config: what load_dataset would find, found now.
-        source = f"synthetic data (data.n_train={n_train})"
-        if subset is not None and subset > n_train:
-            raise ConfigError(f"data.subset={subset} is larger than the {n_train} training images of "
-                              f"{source}; use at most {n_train} or null")
-        if cfg["validation"] == "split":
-            _check_split(subset or n_train, fraction, source)
-    elif name == "folder":
-        if cfg["archive"] is None and cfg["root"] is None:
-            raise ConfigError("data=folder needs data.root=DIR (with train/ and test/) or "
-                              "data.archive=FILE.tar.gz")
-    elif cfg["root"] is None:
-        raise ConfigError(f"data.root is null; data={name} needs a folder to look in and "
-                          "download to")
-
-
 # --------------------------------------------------------------------------- entry point
 
 
 def load_dataset(cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> TensorData:
-    """Check `cfg`, find and decode the dataset, apply `subset`, and check the result."""
-    check_data_config(cfg)
+    """Find and decode the dataset of a checked data config (cnnlab.config.schema), apply
+    `subset`, and check the result."""
     name = cfg["name"]
     shape = tuple(cfg["shape"])
     cache_dir = Path(cache_dir)
@@ -218,11 +109,11 @@ def load_dataset(cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> TensorDa
     if cfg["subset"] is not None:
         data = _subset(data, cfg["subset"], seed)
     if cfg["validation"] == "split":
-        _check_split(len(data.train_x), cfg["val_fraction"], data.source)
+        check_split(len(data.train_x), cfg["val_fraction"], data.source)
     return data
 
 
-def _check_split(n: int, fraction: float, source: str) -> None:
+def check_split(n: int, fraction: float, source: str) -> None:
     """The held-out split must leave images on both sides. The DataModule that makes the split
     comes after the MLflow run is opened; this runs before it (from the config for synthetic
     data, else once the data is loaded)."""
@@ -253,13 +144,17 @@ def _check_data(data: TensorData, shape: tuple[int, ...], num_classes: int) -> N
                           f"data.num_classes={num_classes}")
 
 
+def check_subset(subset: int | None, n: int, source: str) -> None:
+    if subset is not None and subset > n:
+        raise ConfigError(f"data.subset={subset} is larger than the {n} training images of "
+                          f"{source}; use at most {n} or null")
+
+
 def _subset(data: TensorData, subset: int, seed: int) -> TensorData:
     import torch
 
     n = len(data.train_x)
-    if subset > n:
-        raise ConfigError(f"data.subset={subset} is larger than the {n} training images of "
-                          f"{data.source}; use at most {n} or null")
+    check_subset(subset, n, data.source)
     # A seeded shuffle first, so the kept images mix all classes even when the
     # source is sorted by class (image trees are); sorted back to keep source order.
     keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:subset].sort().values

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from cnnlab.artifacts import read_history
 from cnnlab.errors import ConfigError
+from cnnlab.training.artifacts import read_history
 
 # Set by the audit itself; overriding them would make it audit something else.
 OWNED = ("trainer.accelerator", "trainer.deterministic", "tracking.log_model", "tracking.run_name", "paths.runs")
@@ -35,8 +35,9 @@ def audit(overrides: list[str], runs: Path) -> dict:
     """Train the composed config twice under `runs/audit/`; the largest metric and weight differences."""
     from omegaconf import OmegaConf
 
-    from cnnlab.config import compose
-    from cnnlab.train import run_directory, train
+    from cnnlab.config.compose import compose
+    from cnnlab.training.naming import run_directory
+    from cnnlab.training.run import train
 
     for override in overrides:
         key = override.lstrip("+~").partition("=")[0]

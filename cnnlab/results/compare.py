@@ -20,18 +20,11 @@ import pandas as pd
 from scipy import stats
 
 from cnnlab.errors import ConfigError
+from cnnlab.tracking.reader import Reader
+from cnnlab.vocabulary import COMPARED_METRICS as METRICS
+from cnnlab.vocabulary import DEFAULT_COMPARED, EPOCH_TIME, is_knob
 
-METRICS = ("val/acc_best", "test/acc")
-# Params that differ between runs without making them different variants.
-NOT_KNOBS = ("seed", "paths.", "tracking.run_name", "data.fingerprint", "data.source",
-             "data.root", "data.archive", "ckpt_path", "model.layers_expanded",
-             # derived from the knobs, shown as their own columns
-             "model.total_params", "model.trainable_params", "model.macs", "model.receptive_field")
 BOOTSTRAP_SAMPLES = 10_000
-
-
-def _is_knob(key: str) -> bool:
-    return not any(key == k or key.startswith(k) for k in NOT_KNOBS)
 
 
 def ci95(values: np.ndarray) -> tuple[float, float]:
@@ -66,7 +59,7 @@ class Comparison:
     knobs: list[str]
     pairs: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    metric: str = "val/acc_best"
+    metric: str = DEFAULT_COMPARED
 
     def pairs_text(self) -> list[str]:
         """One sentence per paired comparison, naming the test."""
@@ -122,34 +115,16 @@ def _num(value: float, digits: int = 4) -> str:
     return "--" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def load_runs(uri: str, experiment: str | None = None, parent: str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Child runs of a sweep parent, or every non-parent run of an experiment; and the swept keys."""
-    client = _client(uri)
+    reader = Reader(uri)
     swept: list[str] = []
     if parent:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            parent_run = client.get_run(parent)
-        except MlflowException:
-            raise ConfigError(f"no MLflow run '{parent}' in {uri}") from None
+        parent_run = reader.run(parent)
         swept = [k for k in parent_run.data.tags.get("sweep.keys", "").split(",") if k]
-        runs = client.search_runs([parent_run.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-                                  max_results=50_000)
+        runs = reader.children(parent_run)
     else:
-        found = client.get_experiment_by_name(experiment or "")
-        if found is None:
-            names = sorted(e.name for e in client.search_experiments())
-            raise ConfigError(f"no MLflow experiment '{experiment}' in {uri}; experiments: "
-                              f"{', '.join(names) or '(none)'}")
-        runs = [r for r in client.search_runs([found.experiment_id], max_results=50_000)
+        runs = [r for r in reader.search([reader.experiment_id(experiment)])
                 if r.data.tags.get("sweep") != "parent"]
     if not runs:
         where = f"parent run {parent}" if parent else f"experiment {experiment}"
@@ -160,7 +135,7 @@ def load_runs(uri: str, experiment: str | None = None, parent: str | None = None
                "seed": run.data.params.get("seed", run.data.tags.get("seed")),
                "error": run.data.tags.get("error", "")}
         row.update({f"param:{k}": v for k, v in run.data.params.items()})
-        row.update({m: run.data.metrics.get(m, math.nan) for m in (*METRICS, "time/epoch_s")})
+        row.update({m: run.data.metrics.get(m, math.nan) for m in (*METRICS, EPOCH_TIME)})
         row.update({f"knob:{k[5:]}": v for k, v in run.data.tags.items() if k.startswith("knob.")})
         rows.append(row)
     return pd.DataFrame(rows), swept
@@ -170,7 +145,7 @@ def _variant_keys(runs: pd.DataFrame) -> list[str]:
     """Knobs whose value differs between runs (params and failed runs' override tags)."""
     keys = []
     for column in runs.columns:
-        if column.startswith(("param:", "knob:")) and _is_knob(column.split(":", 1)[1]):
+        if column.startswith(("param:", "knob:")) and is_knob(column.split(":", 1)[1]):
             key = column.split(":", 1)[1]
             if runs[column].dropna().nunique() > 1 and key not in keys:
                 keys.append(key)
@@ -185,7 +160,7 @@ def _value(row: pd.Series, key: str) -> str:
 
 
 def compare(uri: str, experiment: str | None = None, parent: str | None = None,
-            metric: str = "val/acc_best") -> Comparison:
+            metric: str = DEFAULT_COMPARED) -> Comparison:
     if metric not in METRICS:
         raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     runs, swept = load_runs(uri, experiment, parent)
@@ -207,7 +182,7 @@ def compare(uri: str, experiment: str | None = None, parent: str | None = None,
                            ("RF", "model.receptive_field")):
             value = first.get(f"param:{key}")
             row[label] = int(value) if isinstance(value, str) and value.isdigit() else math.nan
-        row["s/epoch"] = float(done["time/epoch_s"].mean()) if len(done) else math.nan
+        row["s/epoch"] = float(done[EPOCH_TIME].mean()) if len(done) else math.nan
         table_rows.append(row)
         if row["failed"]:
             errors = sorted(set(group.loc[group["status"] == "FAILED", "error"]))
@@ -261,11 +236,10 @@ def plot(result: Comparison, uri: str, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    client = _client(uri)
+    reader = Reader(uri)
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant, group in result.runs[result.runs["status"] == "FINISHED"].groupby("variant"):
-        curves = [[m.value for m in sorted(client.get_metric_history(run_id, "val/acc"),
-                                           key=lambda m: m.step)] for run_id in group["run_id"]]
+        curves = [reader.metric_history(run_id, "val/acc") for run_id in group["run_id"]]
         length = min(len(c) for c in curves)
         if length == 0:
             continue

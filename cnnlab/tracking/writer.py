@@ -1,12 +1,8 @@
-"""The MLflow run lifecycle: where the store is, experiment and run creation, params, tags.
-
-cnnlab creates the run itself (MlflowClient) and hands its id to Lightning's
-MLFlowLogger, which then only logs epoch metrics. That keeps run naming,
-nesting under a sweep's parent run, resuming the same run, and failure
-status in one place.
+"""The one way in for writing to the tracking store: `Tracker`, one MLflow run that training
+and sweeps create or resume, log to and close with a status.
 
 A tracking server can go away while a job trains. Training never waits for it:
-callbacks.EpochHistory keeps what it could not send on disk and sends it when
+cnnlab.training.epoch_log keeps what it could not send on disk and sends it when
 the server answers again. Calls that need the server to go on (after fitting:
 test metrics, artifacts, the model, the final status) wait for it up to
 `tracking.outage_wait_s`, then stop with TrackingUnavailable, leaving the run
@@ -15,20 +11,16 @@ as it was, so that the same command, run again, resumes it and sends the rest.
 
 from __future__ import annotations
 
-import getpass
 import logging
-import os
-import platform
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from cnnlab.config.schema import SERVER_SCHEMES
 from cnnlab.errors import ConfigError, TrainingError
+from cnnlab.tracking.store import bound_http_retries, is_unreachable, root_cause, server_answers, with_retries
 
 T = TypeVar("T")
 log = logging.getLogger("cnnlab")
@@ -38,141 +30,12 @@ MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
 TOO_LONG = "(too long for an MLflow param: {n} characters; see the config.yaml artifact)"
 
-# MLflow's own HTTP retries, bounded. Its defaults (7 retries with exponential backoff, 120 s
-# per request) spend about 4 minutes on one call to a dead server, which would stall an epoch;
-# cnnlab rides out outages itself (it keeps what it could not send), so 2 quick retries are
-# enough: they cover a connection dropped by a server restart. Values a user exported win.
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-SERVER_SCHEMES = ("http", "https")
-
 
 class TrackingUnavailable(TrainingError):
     """The tracking server stayed away past tracking.outage_wait_s where the job needs it.
 
     Nothing is lost: epochs are in history.jsonl and last.ckpt, and the MLflow run is left
     as it was (not marked FAILED), so the same command, run again, resumes and sends the rest."""
-
-
-def tracking_uri(uri: str | None, runs: Path) -> str:
-    """The configured URI, or the embedded SQLite store under the runs root."""
-    return uri if uri else f"sqlite:///{(runs / 'mlflow.db').resolve()}"
-
-
-def check_tracking_config(tracking: Mapping[str, Any]) -> None:
-    """The tracking group's values, checked before any work (`tracking=server` needs a URI)."""
-    wait = tracking.get("outage_wait_s")
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait < float("inf"):
-        raise ConfigError(f"tracking.outage_wait_s must be a number of seconds >= 0, got {wait!r}")
-    if not isinstance(tracking.get("require_server"), bool):
-        raise ConfigError(f"tracking.require_server must be true or false, got {tracking.get('require_server')!r}")
-    if not tracking.get("enabled") or not tracking["require_server"]:
-        return
-    uri = tracking.get("uri")
-    if not uri:
-        raise ConfigError("tracking=server needs the server's address: set tracking.uri=http://HOST:PORT "
-                          "or the MLFLOW_TRACKING_URI environment variable")
-    if urlparse(str(uri)).scheme not in SERVER_SCHEMES:
-        raise ConfigError(f"tracking=server needs an http:// or https:// URI, got {uri!r} (from tracking.uri "
-                          f"or MLFLOW_TRACKING_URI); for a local store use tracking=mlflow")
-
-
-def bound_http_retries() -> None:
-    """Cap MLflow's HTTP retries and timeout for this process (see HTTP_ENV)."""
-    for name, value in HTTP_ENV.items():
-        os.environ.setdefault(name, value)
-
-
-def is_unreachable(error: BaseException) -> bool:
-    """True when a tracking call failed because the server could not be reached (refused or
-    dropped connection, timeout, retries exhausted on 5xx answers), not because it refused
-    the request: MLflow wraps the transport error, so follow the chain of causes."""
-    import requests
-
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, requests.HTTPError):
-            # An answer: a 4xx is the request's fault; only a 5xx means the server is not serving.
-            return current.response is None or current.response.status_code >= 500
-        if isinstance(current, requests.RequestException):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def server_answers(uri: str, timeout_s: float) -> bool:
-    """One /health request: does the server at `uri` serve now?"""
-    import requests
-
-    try:
-        return requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).ok
-    except requests.RequestException:
-        return False  # the caller's whole question: an error here is the answer "no"
-
-
-def check_tracking(uri: str, timeout_s: float) -> None:
-    """Fail within seconds, before training, when the store cannot be used."""
-    parsed = urlparse(uri)
-    if parsed.scheme in SERVER_SCHEMES:
-        import requests
-
-        bound_http_retries()
-        try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
-        except requests.RequestException as error:
-            raise ConfigError(f"the MLflow tracking server at {uri} did not answer within "
-                              f"{timeout_s:g} s ({type(error).__name__}); start it, or use the "
-                              f"embedded store (tracking=mlflow tracking.uri=null)") from None
-    elif parsed.scheme == "sqlite":
-        folder = Path(uri[len("sqlite:///"):]).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(f"cannot create the MLflow store folder {folder}: "
-                              f"{error.strerror}") from None
-        create_sqlite_store(uri, folder)
-    elif parsed.scheme not in ("file", "databricks", "postgresql", "mysql", "mssql", ""):
-        raise ConfigError(f"tracking.uri scheme '{parsed.scheme}' is not one MLflow serves; use "
-                          f"sqlite:///PATH, http://HOST:PORT or a database URI")
-
-
-def create_sqlite_store(uri: str, folder: Path) -> None:
-    """Open the SQLite store once under a file lock. MLflow creates (or upgrades) a store's
-    schema when it first opens it; parallel jobs doing that at once on a new file corrupt the
-    migration (seen with 8 jobs: alembic's CircularDependencyError), so only one does it."""
-    from filelock import FileLock
-    from mlflow.tracking import MlflowClient
-
-    with FileLock(str(folder / ".mlflow-store.lock"), timeout=300):
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-
-
-def with_retries(action: Callable[[], T], attempts: int = 8, delay_s: float = 0.25) -> T:
-    """Retry SQLite's transient 'database is locked' (parallel sweep jobs share one file)."""
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(attempts - 1):
-        try:
-            return action()
-        except MlflowException as error:
-            if "database is locked" not in str(error):
-                raise
-            time.sleep(delay_s * (2 ** attempt))
-    return action()  # the last try's error, if any, is the caller's
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'model': {'bn': True}} -> {'model.bn': True}; lists stay whole values."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def tag_value(value: Any) -> str:
@@ -187,51 +50,6 @@ def tag_value(value: Any) -> str:
 def param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= MAX_PARAM_LENGTH else TOO_LONG.format(n=len(text))
-
-
-def _git(*args: str) -> str | None:
-    result = subprocess.run(["git", *args], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent)
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-def provenance_tags() -> dict[str, str]:
-    """Code version, environment and host: what a reader needs to trust a number."""
-    import lightning
-    import mlflow
-    import torch
-
-    import cnnlab
-    from cnnlab.allocator import in_effect
-
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "mlflow.source.git.commit": commit or "unknown (not a git checkout)",
-        "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "version.cnnlab": cnnlab.__version__,
-        "version.torch": torch.__version__,
-        "version.lightning": lightning.__version__,
-        "version.mlflow": mlflow.__version__,
-        "version.python": platform.python_version(),
-        "host": socket.gethostname(),
-        "mlflow.user": getpass.getuser(),
-        "malloc": in_effect(),  # changes speed, not numbers
-    }
-
-
-def log_provenance(tracker: Tracker) -> None:
-    """What a reader needs to rebuild the code and environment: the uncommitted diff, if any,
-    and every installed package's version."""
-    from importlib.metadata import distributions
-
-    packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions()
-                       if d.metadata["Name"]}, key=str.lower)
-    tracker.log_text("\n".join(packages) + "\n", "provenance/requirements.txt")
-    diff = _git("diff", "HEAD")
-    if diff:
-        tracker.log_text(diff + "\n", "provenance/git.diff")
 
 
 class Tracker:
@@ -421,14 +239,3 @@ class Tracker:
         return self._call(lambda: self.client.get_metric_history(self.run_id, key), f"reading {key}", patient)
 
 
-def root_cause(error: BaseException) -> str:
-    """The innermost cause's type and first line: enough to tell a refused connection from a timeout."""
-    seen: set[int] = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        inner = error.__cause__ or error.__context__
-        if inner is None:
-            break
-        error = inner
-    first = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 from cnnlab.errors import ConfigError
-from cnnlab.spec import (
+from cnnlab.model.spec import (
     Activation,
     BatchNorm,
     Conv,

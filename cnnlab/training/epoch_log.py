@@ -34,13 +34,13 @@ from pathlib import Path
 
 import lightning as L
 
-from cnnlab.artifacts import read_history, write_history
-from cnnlab.tracking import is_unreachable, root_cause
+from cnnlab.tracking.store import is_unreachable, root_cause
+from cnnlab.training.artifacts import read_history, write_history
+from cnnlab.vocabulary import EPOCH_METRICS
+from cnnlab.vocabulary import EPOCH_TIME as EPOCH_KEY
 
 log = logging.getLogger("cnnlab")
 
-EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best")
-EPOCH_KEY = "time/epoch_s"  # logged with every epoch's row whatever else it holds: its steps say what MLflow has
 PENDING_FILE = "mlflow_pending.jsonl"  # step metrics kept through a tracking-server outage
 RETRY_S = 30.0  # while the server is away, ask again at most this often between epoch boundaries
 

@@ -70,7 +70,7 @@ RUN_FILES = ("summary.txt", "summary.json", "config.yaml", "weights.txt", "curve
 
 def write_run_files(run_dir: Path, plan, network: nn.Module, config_yaml: str) -> None:
     """Everything a finished run leaves in its directory, besides checkpoints."""
-    from cnnlab.summary import summary_dict, summary_text
+    from cnnlab.model.summary import summary_dict, summary_text
 
     (run_dir / "summary.txt").write_text(summary_text(plan) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary_dict(plan), indent=2) + "\n")
@@ -101,7 +101,7 @@ def log_pytorch_model(tracker, network: nn.Module, datamodule, plan) -> None:
     import torch
     from mlflow.models import infer_signature
 
-    from cnnlab.build import ends_in_softmax
+    from cnnlab.model.build import ends_in_softmax
 
     model = copy.deepcopy(network).cpu().eval()
     if ends_in_softmax(plan.analysis):

@@ -1,0 +1,1 @@
+"""The network: layer language, families, shapes and counts, the torch builder, summaries."""

@@ -1,0 +1,1 @@
+"""What logged runs say: comparisons, statistics, plots, reports, reproductions, audits."""

@@ -1,0 +1,1 @@
+"""MLflow: the store, the writer that training uses, the reader that results use, provenance."""

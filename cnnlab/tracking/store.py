@@ -1,0 +1,148 @@
+"""Where the tracking store is, and whether it can be used: URIs, the embedded SQLite store,
+tracking servers' reachability, and MLflow's transient errors.
+
+cnnlab creates MLflow runs itself (cnnlab.tracking.writer) rather than through Lightning's
+MLFlowLogger: that keeps run naming, nesting under a sweep's parent run, resuming the same run
+and failure status in one place, and lets epochs outlive a tracking outage
+(cnnlab.training.epoch_log). Results read the store through cnnlab.tracking.reader.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+from cnnlab.config.compose import slug
+from cnnlab.config.schema import SERVER_SCHEMES
+from cnnlab.errors import ConfigError
+
+T = TypeVar("T")
+
+# MLflow's own HTTP retries, bounded. Its defaults (7 retries with exponential backoff, 120 s
+# per request) spend about 4 minutes on one call to a dead server, which would stall an epoch;
+# cnnlab rides out outages itself (it keeps what it could not send), so 2 quick retries are
+# enough: they cover a connection dropped by a server restart. Values a user exported win.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def tracking_uri(uri: str | None, runs: Path) -> str:
+    """The configured URI, or the embedded SQLite store under the runs root."""
+    return uri if uri else f"sqlite:///{(runs / 'mlflow.db').resolve()}"
+
+
+def is_embedded(uri: str) -> bool:
+    """The embedded SQLite store, which keeps artifacts beside it; a server decides for itself."""
+    return uri.startswith("sqlite:")
+
+
+def artifact_location(uri: str, runs: Path, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: under the runs root for the embedded store."""
+    return (runs / "mlartifacts" / slug(experiment)).as_uri() if is_embedded(uri) else None
+
+
+def sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):])
+
+
+def bound_http_retries() -> None:
+    """Cap MLflow's HTTP retries and timeout for this process (see HTTP_ENV)."""
+    for name, value in HTTP_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """True when a tracking call failed because the server could not be reached (refused or
+    dropped connection, timeout, retries exhausted on 5xx answers), not because it refused
+    the request: MLflow wraps the transport error, so follow the chain of causes."""
+    import requests
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, requests.HTTPError):
+            # An answer: a 4xx is the request's fault; only a 5xx means the server is not serving.
+            return current.response is None or current.response.status_code >= 500
+        if isinstance(current, requests.RequestException):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def server_answers(uri: str, timeout_s: float) -> bool:
+    """One /health request: does the server at `uri` serve now?"""
+    import requests
+
+    try:
+        return requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).ok
+    except requests.RequestException:
+        return False  # the caller's whole question: an error here is the answer "no"
+
+
+def check_tracking(uri: str, timeout_s: float) -> None:
+    """Fail within seconds, before training, when the store cannot be used."""
+    parsed = urlparse(uri)
+    if parsed.scheme in SERVER_SCHEMES:
+        import requests
+
+        bound_http_retries()
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+        except requests.RequestException as error:
+            raise ConfigError(f"the MLflow tracking server at {uri} did not answer within "
+                              f"{timeout_s:g} s ({type(error).__name__}); start it, or use the "
+                              f"embedded store (tracking=mlflow tracking.uri=null)") from None
+    elif parsed.scheme == "sqlite":
+        folder = sqlite_path(uri).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot create the MLflow store folder {folder}: "
+                              f"{error.strerror}") from None
+        create_sqlite_store(uri, folder)
+    elif parsed.scheme not in ("file", "databricks", "postgresql", "mysql", "mssql", ""):
+        raise ConfigError(f"tracking.uri scheme '{parsed.scheme}' is not one MLflow serves; use "
+                          f"sqlite:///PATH, http://HOST:PORT or a database URI")
+
+
+def create_sqlite_store(uri: str, folder: Path) -> None:
+    """Open the SQLite store once under a file lock. MLflow creates (or upgrades) a store's
+    schema when it first opens it; parallel jobs doing that at once on a new file corrupt the
+    migration (seen with 8 jobs: alembic's CircularDependencyError), so only one does it."""
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    with FileLock(str(folder / ".mlflow-store.lock"), timeout=300):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+def with_retries(action: Callable[[], T], attempts: int = 8, delay_s: float = 0.25) -> T:
+    """Retry SQLite's transient 'database is locked' (parallel sweep jobs share one file)."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts - 1):
+        try:
+            return action()
+        except MlflowException as error:
+            if "database is locked" not in str(error):
+                raise
+            time.sleep(delay_s * (2 ** attempt))
+    return action()  # the last try's error, if any, is the caller's
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost cause's type and first line: enough to tell a refused connection from a timeout."""
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    first = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__

@@ -1,0 +1,1 @@
+"""One training run: the trainer, the LightningModule, checkpoints and resume, run files, sweeps."""

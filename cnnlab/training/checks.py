@@ -1,0 +1,122 @@
+"""Everything `cnnlab train` checks before it does any work, in one pass: the config against
+its schema, the model plan, the accelerator, the output folder and the tracking store.
+
+`checked` runs once per config in a process: `cnnlab train`'s preflight (before Hydra writes
+anything) and the Hydra job itself compose the same config, and the second check is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from cnnlab.config.compose import compose, container
+from cnnlab.config.schema import check_config
+from cnnlab.errors import ConfigError
+from cnnlab.model.plan import ModelPlan, model_plan
+
+_CHECKED: dict[str, ModelPlan] = {}  # resolved config (JSON) -> its plan, for this process
+
+
+def checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
+    """Every check that needs no data: fail in milliseconds, before anything is written.
+    Returns the model plan and the resolved data config."""
+    # Resolving the whole config once makes a broken ${...} interpolation fail here, and
+    # unknown keys (`+trainer.max_epoch=3` would otherwise do nothing) fail by name.
+    resolved = container(cfg)
+    key = json.dumps({k: v for k, v in resolved.items() if k != "hydra"}, sort_keys=True, default=str)
+    if key not in _CHECKED:
+        check_config(resolved)
+        check_accelerator(resolved["trainer"])
+        plan = model_plan(cfg)
+        if cfg.ckpt_path:  # a garbage file or another model's checkpoint would fail inside fit()
+            from cnnlab.training.resume import check_checkpoint
+
+            check_checkpoint(Path(cfg.ckpt_path), plan, resolved["model"])
+        _CHECKED[key] = plan
+    return _CHECKED[key], resolved["data"]
+
+
+def check_accelerator(trainer: Mapping[str, Any]) -> None:
+    """The accelerator asked for is on this machine (Lightning finds out only after the MLflow
+    run exists). Imports torch only when a device other than the CPU is asked for."""
+    accelerator, devices = trainer["accelerator"], trainer["devices"]
+    if accelerator in ("auto", "cpu"):
+        return
+    import torch
+
+    if accelerator == "tpu":
+        from lightning.pytorch.accelerators import XLAAccelerator
+
+        available, count = XLAAccelerator.is_available(), None
+    elif accelerator == "mps" or (accelerator == "gpu" and not torch.cuda.is_available()):
+        available, count = torch.backends.mps.is_available(), 1
+    else:  # gpu, cuda
+        available, count = torch.cuda.is_available(), torch.cuda.device_count()
+    if not available:
+        raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no such device; "
+                          f"use trainer.accelerator=auto or cpu")
+    wanted = (max(devices) + 1 if isinstance(devices, list) and devices
+              else devices if isinstance(devices, int) and devices > 0 else None)
+    if count is not None and wanted is not None and wanted > count:
+        raise ConfigError(f"trainer.devices={devices!r} asks for more {accelerator} devices than the "
+                          f"{count} this machine has; use at most {count}, -1 (all) or auto")
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Create `folder` and write a small file there: a read-only, misplaced or full output
+    folder fails here, in milliseconds, instead of in the middle of a run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".cnnlab-write-test") as probe:
+            probe.write(b"\0" * 65536)  # a few blocks: a full disk refuses them
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        raise ConfigError(f"{key}={folder} is not a folder cnnlab can write to ({error.strerror}); "
+                          f"point {key} at a writable folder with free space") from None
+
+
+# Hydra's instantiation keys: an override that sets one could make Hydra import and call any
+# object (hydra.callbacks are instantiated before cnnlab's code runs). cnnlab chooses objects by
+# short names looked up in its own registries, so no command line needs them.
+INSTANTIATION_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+
+
+def refuse_object_overrides(argv: list[str]) -> None:
+    """No override may set an instantiation key: Hydra would import and call what it names."""
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if any(k in key for k in INSTANTIATION_KEYS):
+            raise ConfigError(f"override '{arg}' sets a Hydra instantiation key; cnnlab does not let "
+                              f"the command line import or call objects. Choose by name instead "
+                              f"(optim.name=adam, model=vgg, hydra/launcher=joblib)")
+
+
+def preflight(argv: list[str]) -> None:
+    """`cnnlab train`'s checks before Hydra starts. Hydra reports a bad override in several
+    lines with status 1, and creates the run folder before train() sees the config; composing
+    the same config here turns every bad input into one `error:` line (status 2) with nothing
+    written. It also tries the output folder and the tracking store, which train() meets only
+    after loading the data. Skipped with Hydra's own flags (-m, --cfg ...: a sweep checks each
+    job as it runs it) and for ${hydra:...} values, which resolve only inside Hydra's app."""
+    from cnnlab.tracking.store import check_tracking, is_embedded, tracking_uri
+
+    refuse_object_overrides(argv)  # before anything composes them
+    if any(arg.startswith(("-", "hydra.mode")) or "${hydra:" in arg for arg in argv):
+        return
+    cfg = compose(argv)
+    checked(cfg)
+    runs = Path(cfg.paths.runs)
+    check_writable(runs, "paths.runs")
+    uri = tracking_uri(cfg.tracking.uri, runs.resolve())
+    # A server or database now; the embedded store's folder was just tried, and train() creates
+    # the store itself (only once the data has loaded).
+    if cfg.tracking.enabled and not is_embedded(uri):
+        check_tracking(uri, cfg.tracking.timeout_s)

@@ -1,0 +1,110 @@
+"""Resuming: which checkpoint a run continues from, whether it is already done, and the MLflow
+run it continues (a run directory remembers its run in `mlflow_run_id`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from cnnlab.errors import ConfigError
+from cnnlab.model.plan import ModelPlan
+
+log = logging.getLogger("cnnlab")
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
+             resume_from: Path | None):
+    """The MLflow run this job logs to, and the stored result when nothing is left to do.
+
+    A run directory remembers its MLflow run: running the same command again continues
+    that run (from last.ckpt, or from scratch if it died before its first checkpoint)
+    instead of leaving a second one; a finished run that already has its epochs is done.
+    """
+    from cnnlab.tracking.store import artifact_location, check_tracking, tracking_uri
+    from cnnlab.tracking.writer import Tracker
+
+    uri = tracking_uri(cfg.tracking.uri, runs)
+    check_tracking(uri, cfg.tracking.timeout_s)
+    # From here on a tracking server that goes away is waited for (then a clear error), and
+    # training itself keeps going through an outage (cnnlab.training.epoch_log).
+    tracker = Tracker(uri, runs, outage_wait_s=cfg.tracking.outage_wait_s, probe_timeout_s=cfg.tracking.timeout_s)
+    id_file = run_dir / RUN_ID_FILE
+    previous = id_file.read_text().strip() if id_file.is_file() else None
+    status = tracker.run_status(previous) if previous else None
+    done = already_complete(resume_from, cfg.trainer.max_epochs) if status == "FINISHED" else None
+    if done is not None:
+        log.info("run %s already trained %d epochs (MLflow run %s); raise trainer.max_epochs "
+                 "to continue it", name, cfg.trainer.max_epochs, previous)
+        return tracker, done
+    if status is None or not tracker.resume(previous):
+        tracker.start(cfg.tracking.experiment, name, tags=tags,
+                      artifact_location=artifact_location(uri, runs, cfg.tracking.experiment))
+        id_file.write_text(tracker.run_id)
+    return tracker, None
+
+
+def already_complete(checkpoint: Path | None, max_epochs: int) -> float | None:
+    """The best monitored value, if this checkpoint already finished max_epochs; else None."""
+    import torch
+
+    if checkpoint is None:
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state["epoch"] + 1 < max_epochs:  # "epoch" is the 0-based index of the last one trained
+        return None
+    scores = [s["best_model_score"] for k, s in state.get("callbacks", {}).items()
+              if k.startswith("ModelCheckpoint") and s.get("best_model_score") is not None]
+    return float(scores[0]) if scores else None
+
+
+def resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path {path} is not a file")
+        return path
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any]) -> None:
+    """ckpt_path must be a Lightning checkpoint of this very network: a garbage file or another
+    model's checkpoint would otherwise fail inside Lightning, after the MLflow run exists."""
+    import torch
+
+    from cnnlab.model.build import build
+
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={path} does not exist or is not a file; give a .ckpt written "
+                          f"by cnnlab train (runs/outputs/.../checkpoints/last.ckpt) or null")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError ... here
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"ckpt_path={path} is not a readable checkpoint ({reason[:200]}); give a "
+                          f".ckpt written by cnnlab train") from None
+    if not (isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping)
+            and "epoch" in state):
+        raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict and "
+                          f"epoch); give a .ckpt written by cnnlab train")
+    network = build(plan.analysis, model.get("init", "keras"), model.get("bn_momentum", 0.99),
+                    model.get("bn_eps", 1e-3), logits=True)
+    expected = {f"network.{k}": tuple(v.shape) for k, v in network.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state["state_dict"].items()
+             if k.startswith("network.") and hasattr(v, "shape")}
+    if found != expected:
+        differs = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        # A tensor both have, in another shape, says more than one the other network lacks.
+        key = min(differs, key=lambda k: (k not in expected or k not in found, k))
+        raise ConfigError(f"ckpt_path={path} holds another network: {key} is "
+                          f"{list(found[key]) if key in found else 'missing'} there but "
+                          f"{list(expected[key]) if key in expected else 'absent'} in "
+                          f"model {plan.name} ({len(differs)} tensor(s) differ); resume with "
+                          f"the model config it was trained with")
+
+

@@ -1,0 +1,145 @@
+"""One tracked training run, top to bottom: check -> data -> open or resume the MLflow run ->
+fit (resuming if this run directory has a checkpoint) -> test -> artifacts -> the monitored
+metric, returned to the caller (a sweeper, a test)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cnnlab.config.compose import config_hash, container, flatten
+from cnnlab.training.checks import checked
+from cnnlab.training.naming import overrides, run_directory, run_name, sweep_tags
+from cnnlab.vocabulary import TEST_METRICS
+
+log = logging.getLogger("cnnlab")
+
+
+def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
+    """Train, test and track one run; return the best value of `checkpoint.monitor`.
+
+    `tags` are added to a new MLflow run (`cnnlab reproduce` links runs this way).
+    """
+    plan, data_cfg = checked(cfg)
+    from cnnlab.data.sources import load_dataset
+
+    runs = Path(cfg.paths.runs).resolve()
+    data = load_dataset(data_cfg, Path(cfg.paths.cache), cfg.seed)
+
+    import lightning as L
+    import torch
+
+    from cnnlab.data.batches import TensorDataModule
+    from cnnlab.model.build import build
+    from cnnlab.model.summary import summary_text
+    from cnnlab.tracking.provenance import log_provenance, provenance_tags
+    from cnnlab.training.artifacts import log_pytorch_model, log_run_files, write_run_files
+    from cnnlab.training.distributed import prepare_strategy, process_rank
+    from cnnlab.training.epoch_log import EpochHistory
+    from cnnlab.training.module import Classifier
+    from cnnlab.training.resume import open_run, resume_point
+    from cnnlab.training.trainer import checkpoints, make_trainer, one_log_stream, torch_threads
+
+    job_overrides = overrides()
+    name = run_name(cfg, job_overrides)
+    run_dir = run_directory(cfg, name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = resume_point(cfg, run_dir)
+
+    one_log_stream()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    network = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps, logits=True)
+    if cfg.trainer.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    if cfg.trainer.compile:
+        network.compile(mode=cfg.trainer.compile)  # in place: parameter names stay the same
+    prepare_strategy(str(cfg.trainer.strategy))
+    threads = torch_threads(cfg.trainer.threads)
+    if threads:
+        torch.set_num_threads(threads)
+
+    fingerprint = data.fingerprint()  # hashes every pixel: once per run
+    tracker = None
+    # Under DDP, Lightning runs this function again in one process per extra rank; only
+    # rank zero opens (or resumes) the MLflow run and writes the run's files.
+    rank_zero = process_rank() == 0
+    if cfg.tracking.enabled and rank_zero:
+        tracker, done = open_run(cfg, runs, run_dir, name, {
+            **provenance_tags(), "overrides": " ".join(job_overrides) or "(none)", "seed": cfg.seed,
+            "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
+            "config.hash": config_hash(cfg), "data.fingerprint": fingerprint,
+            **sweep_tags(job_overrides), **(tags or {})}, resume_from)
+        if done is not None:
+            return done
+    log.info("run %s in %s%s, %d torch threads", name, run_dir,
+             f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)", torch.get_num_threads())
+    log.info("\n%s", summary_text(plan))
+
+    # trainer.deterministic=true switches deterministic algorithms on for the whole process
+    # (at Trainer construction); callers that train again in this process get it back as it was.
+    deterministic_before = {"mode": torch.are_deterministic_algorithms_enabled(),
+                            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
+    try:
+        module = Classifier(network, container(cfg.optim), data_cfg["num_classes"],
+                            channels_last=cfg.trainer.channels_last)
+        datamodule = TensorDataModule(data, data_cfg, cfg.seed)
+        saved = checkpoints(cfg, run_dir)
+        history = EpochHistory(run_dir / "history.jsonl", tracker,
+                               cfg.tracking.step_every if cfg.tracking.step_metrics else 0)
+        trainer = make_trainer(cfg, run_dir, [history, *saved])
+        if tracker and not tracker.has_params():  # a resumed run has its params already
+            log_provenance(tracker)
+            tracker.log_params({
+                **flatten(container(cfg)),
+                "model.total_params": plan.analysis.total_params,
+                "model.trainable_params": plan.analysis.trainable,
+                "model.macs": plan.analysis.macs,
+                "model.receptive_field": plan.analysis.receptive_field.size[0],
+                "model.layers_expanded": " ".join(plan.tokens),
+                "data.fingerprint": fingerprint,
+                "data.source": data.source,
+            })
+            tracker.set_tags({"device": str(trainer.strategy.root_device)})
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        if tracker:
+            tracker.log_metrics({k: float(trainer.callback_metrics[k]) for k in TEST_METRICS},
+                                step=trainer.current_epoch)
+        if rank_zero:
+            write_run_files(run_dir, plan, network, OmegaConf.to_yaml(cfg, resolve=True))
+        if tracker:
+            log_run_files(tracker, run_dir)
+            if cfg.tracking.log_model:
+                tracker.patiently(lambda: log_pytorch_model(tracker, network, datamodule, plan),
+                                  "logging the model")
+    except BaseException as error:
+        if tracker:  # with the tracking server away, it warns and leaves the run to resume
+            tracker.mark_failed(error, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        torch.use_deterministic_algorithms(**deterministic_before)
+    if tracker:
+        tracker.finish("FINISHED")
+    score = saved[0].best_model_score
+    result = float(score) if score is not None else float(trainer.callback_metrics[cfg.checkpoint.monitor])
+    log.info("done: best %s = %.4f; test/acc = %.4f", cfg.checkpoint.monitor, result,
+             float(trainer.callback_metrics["test/acc"]))
+    return result
+
+
+def record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """A sweep job that failed before its run existed still leaves a FAILED child run."""
+    from cnnlab.tracking.store import tracking_uri
+    from cnnlab.tracking.writer import Tracker
+
+    job_overrides = overrides()
+    runs = Path(cfg.paths.runs).resolve()
+    tracker = Tracker(tracking_uri(cfg.tracking.uri, runs), runs)
+    tracker.start(cfg.tracking.experiment, run_name(cfg, job_overrides), tags={
+        "error": f"{type(error).__name__}: {error}", "seed": cfg.seed,
+        "overrides": " ".join(job_overrides), **sweep_tags(job_overrides)})
+    tracker.log_params(flatten(container(cfg)))  # compare groups it with its variant
+    tracker.finish("FAILED")

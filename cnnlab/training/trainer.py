@@ -1,0 +1,74 @@
+"""The Lightning Trainer cnnlab trains with, its checkpoints, and the process settings a run needs
+(torch threads, one log stream)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def torch_threads(configured: int | None) -> int | None:
+    """Torch threads: as configured, else the CPUs the launcher gave this job (cores split
+    between joblib's parallel jobs, a Ray task's num_cpus, SLURM's cpus-per-task)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cnnlab.training.launchers import job_threads
+
+    if configured is not None:  # checked by the trainer group's schema
+        return configured
+    if not HydraConfig.initialized():
+        return None
+    return job_threads(OmegaConf.select(HydraConfig.get(), "launcher") or {})
+
+
+def one_log_stream() -> None:
+    """The `lightning` package prints through its own console handler *and* propagates to
+    the root logger; under Hydra (which owns the root handlers and the job's log file) every
+    Lightning line came out twice. Keep the root's copy, which also reaches the log file."""
+    if logging.getLogger().handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in list(lightning_logger.handlers):
+            lightning_logger.removeHandler(handler)
+
+
+def checkpoints(cfg: DictConfig, run_dir: Path) -> list:
+    """The best checkpoint (checkpoint.monitor) and, with checkpoint.save_last, last.ckpt."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # Saved at the end of the train epoch, after EpochHistory wrote the epoch's row
+    # (cnnlab.training.epoch_log says why the order matters).
+    found = [ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.checkpoint.monitor,
+        mode=cfg.checkpoint.mode, save_top_k=1, auto_insert_metric_name=False,
+        save_on_train_epoch_end=True)]
+    if cfg.checkpoint.save_last:
+        # Not ModelCheckpoint(save_last=True): Lightning 2.6 writes that last.ckpt only in epochs
+        # where the monitored value improved, so a run resumed after a plateau went back to its
+        # last improvement. A second checkpoint with no monitor is written after every epoch.
+        found.append(ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+            enable_version_counter=False, save_on_train_epoch_end=True))
+    return found
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list):
+    import lightning as L
+
+    t = cfg.trainer
+    progress = t.enable_progress_bar
+    return L.Trainer(
+        max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices,
+        strategy=t.strategy, num_nodes=t.num_nodes, sync_batchnorm=t.sync_batchnorm,
+        precision=t.precision, deterministic=t.deterministic, benchmark=t.benchmark,
+        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_test_batches, gradient_clip_val=t.gradient_clip_val,
+        enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
+        logger=False,  # cnnlab logs epoch metrics itself (cnnlab.training.epoch_log)
+        callbacks=callbacks,
+        num_sanity_val_steps=0,  # Keras validates only after each epoch
+        enable_model_summary=False,  # cnnlab prints its own, Keras-style
+        default_root_dir=run_dir,
+    )
