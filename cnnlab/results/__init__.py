@@ -1,0 +1,1 @@
+"""Reading logged results back: seed statistics and comparisons of variants."""
