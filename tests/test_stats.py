@@ -28,6 +28,7 @@ from cnnlab.results.stats import (
     holm,
     mean_ci,
     p_text,
+    paired_power,
     paired_t,
     seeds_needed,
     sign_flip,
@@ -96,6 +97,10 @@ def test_paired_t_when_differences_do_not_vary():
     up = paired_t([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])    # every seed +0.5, exactly representable
     assert up.p_value == 0.0 and up.sd == 0.0 and up.d_z == math.inf and up.t == math.inf
     assert (up.ci_low, up.ci_high) == (0.5, 0.5)
+    # equal differences whose numpy sd is round-off (1.4e-16), not 0: still "do not vary"
+    assert np.std(np.full(3, 0.7), ddof=1) > 0
+    drift = paired_t([0.0, 0.0, 0.0], [0.7, 0.7, 0.7])
+    assert drift.sd == 0.0 and drift.p_value == 0.0 and drift.d_z == math.inf
     down = paired_t([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])
     assert down.d_z == -math.inf and down.p_value == 0.0
     one = paired_t([0.8], [0.9])
@@ -212,13 +217,14 @@ def test_sign_flip_exact_at_20_and_monte_carlo_above():
     assert exact.p_value == pytest.approx(_exact_sign_flip_integers(k20), rel=1e-12)
 
     k26 = rng.integers(-50, 58, 26)
+    k26[[3, 17]] = 0  # zero differences carry no sign: smallest p = 2 / 2^24
     expected = _exact_sign_flip_integers(k26)
     assert 0.02 < expected < 0.5  # a p-value with room either side, so the check means something
     mc = sign_flip(k26 / 10_000)
     assert mc.method == "monte carlo" and mc.flips == SIGN_FLIP_DRAWS
     se = math.sqrt(expected * (1 - expected) / SIGN_FLIP_DRAWS)
     assert abs(mc.p_value - expected) < 4 * se
-    assert mc.p_min == pytest.approx(2 / 2 ** np.count_nonzero(k26))
+    assert mc.p_min == pytest.approx(2 / 2**24)
     assert sign_flip(k26 / 10_000) == mc  # fixed seed: the same answer every time
 
 
@@ -277,6 +283,26 @@ def test_seeds_needed_matches_statsmodels(es, alpha, power):
     expected = math.ceil(TTestPower().solve_power(effect_size=es, alpha=alpha, power=power,
                                                   alternative="two-sided"))
     assert seeds_needed(es * sd, sd, alpha=alpha, power=power) == max(expected, 2)
+
+
+@pytest.mark.parametrize("es", [0.05, 0.1, 0.2])
+def test_seeds_needed_at_low_power_counts_both_tails(es):
+    # at a low target power the wrong-sign tail P(T < -t_crit) is a sizeable part of the power
+    expected = math.ceil(TTestPower().solve_power(effect_size=es, alpha=0.05, power=0.12, alternative="two-sided"))
+    assert seeds_needed(es * 0.01, 0.01, alpha=0.05, power=0.12) == expected
+
+
+def test_paired_power_matches_statsmodels():
+    for es in (0.05, 0.2, 0.5, 1.0):
+        for n in (2, 3, 10, 50, 400, 5_000):
+            expected = TTestPower().power(effect_size=es, nobs=n, alpha=0.05, alternative="two-sided")
+            # at large nc scipy's far tail is NaN and statsmodels returns NaN; with nc = es sqrt(n) >= 10
+            # the power is 1 within 1e-15 (P(T < 1.97) <= Phi(-8))
+            if math.isnan(expected):
+                assert es * math.sqrt(n) >= 10
+                expected = 1.0
+            assert paired_power(n, es * 0.01, 0.01) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+            assert paired_power(n, -es * 0.01, 0.01) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 def _simulated_power(n: int, effect: float, sd: float, alpha: float, rng: np.random.Generator,
@@ -434,6 +460,14 @@ def test_compare_two_bootstrap_only_from_min_n():
             tolerance = 0.08 * np.std(y - x, ddof=1) / math.sqrt(n)
             assert abs(r.boot_low - ref.low) < tolerance and abs(r.boot_high - ref.high) < tolerance
             assert not any("sign-flip test cannot" in note for note in r.notes)  # 2/2^10 < 0.05
+
+
+def test_compare_two_pairs_from_two_shared_seeds():
+    r = compare_two({1: 0.80, 2: 0.81, 3: 0.70}, {1: 0.82, 2: 0.815})
+    ref = stats.ttest_rel([0.82, 0.815], [0.80, 0.81])
+    assert r.method == "paired t-test" and r.n == 2 and r.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    assert "with 2 seeds the sign-flip test cannot go below p = 0.5000" in r.notes
+    assert "1 seed of a and 0 of b have no partner" in r.notes[0]
 
 
 def test_compare_two_welch_when_seeds_do_not_pair():
