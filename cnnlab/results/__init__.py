@@ -1,0 +1,1 @@
+"""Statistics over finished runs: sequential (anytime-valid) comparisons of variants."""
