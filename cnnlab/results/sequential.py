@@ -45,6 +45,13 @@ reference's runs and so are dependent; a union bound holds under any dependence,
 each comparison's guarantee is already uniform over time, the union bound holds uniformly over
 time as well, so optional stopping of the whole ablation keeps family-wise error <= alpha.
 
+Assumptions: the differences of one comparison are independent draws from a normal distribution
+(seeds independent; the guarantee is exact only then). Heavy symmetric tails and rounding
+(accuracy on a finite test set) did not hurt in simulation; skew does: centred Exp(1)
+differences, looked at every 2 seeds up to 30, were called "different" 8.9% of the time at
+alpha = 0.05. A diverged run (one seed far below the rest) is such skew: look at it, do not
+leave it in silently. Which seeds enter must not depend on their results.
+
 Pure numerics: numpy and scipy only, no cnnlab imports.
 """
 
@@ -70,9 +77,12 @@ __all__ = [
     "SequentialComparison",
     "cs_radius",
     "e_value",
+    "e_value_sup",
     "fixed_n_for_power",
     "log_e_value",
+    "look_schedule",
     "min_seeds",
+    "run_paths",
     "simulate",
 ]
 
