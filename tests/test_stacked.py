@@ -77,20 +77,25 @@ def _lone_run(analysis, seed, x, y, optimizer, steps=STEPS):
     return net, torch.tensor(losses, dtype=torch.float64)
 
 
-def _stacked_run(analysis, x, y, optimizer, steps=STEPS):
-    net = StackedNetwork(analysis, SEEDS).double().train()
+def _stacked_run(analysis, x, y, optimizer, steps=STEPS, channels_last=False, sync=None, reload_guard_at=None):
+    net = StackedNetwork(analysis, SEEDS, channels_last=channels_last).double().train()
     opt = OPTIMIZERS[optimizer](net.parameters())
-    guard = CopyGuard(net, opt)
-    losses = []
+    guard = CopyGuard(net, opt, sync=sync)
+    losses, finite_grads = [], []
     for t in range(steps):
+        if t == reload_guard_at:  # as on resuming: a new guard, its state loaded after the others'
+            state = guard.state_dict()
+            guard = CopyGuard(net, opt, sync=sync)
+            guard.load_state_dict(state)
         loss, per_copy = stacked_loss(net(x[t]), y[t], guard.alive)
         opt.zero_grad()
         loss.backward()
         guard.mask_gradients()
+        finite_grads.append(all(torch.isfinite(p.grad).all() for p in net.parameters()))
         opt.step()
         guard.commit()
         losses.append(per_copy)
-    return net, opt, guard, torch.stack(losses)  # (steps, S)
+    return net, opt, guard, torch.stack(losses), finite_grads  # losses (steps, S)
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -98,12 +103,12 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("net", sorted(NETS))
-def test_stack_trains_as_the_lone_runs(net, optimizer):
+@pytest.mark.parametrize("net,optimizer,channels_last", [
+    ("A", "adam", False), ("A", "sgd", False), ("B", "adam", False), ("B", "sgd", False), ("A", "adam", True)])
+def test_stack_trains_as_the_lone_runs(net, optimizer, channels_last):
     analysis = _analysis(net)
     x, y = _data(analysis, analysis.output_shape[0])
-    stacked, _, guard, losses = _stacked_run(analysis, x, y, optimizer)
+    stacked, _, guard, losses, _ = _stacked_run(analysis, x, y, optimizer, channels_last=channels_last)
     assert guard.alive.all()
     for s, seed in enumerate(SEEDS):
         lone, lone_losses = _lone_run(analysis, seed, x[:, s], y[:, s], optimizer)
@@ -137,7 +142,7 @@ def test_copies_start_as_train_py_builds_them():
 def test_lone_state_dict_loads_into_build_and_back():
     analysis = _analysis("A")
     x, y = _data(analysis, 5, steps=3)
-    stacked, _, _, _ = _stacked_run(analysis, x, y, "adam", steps=3)
+    stacked, *_ = _stacked_run(analysis, x, y, "adam", steps=3)
     stacked.eval()
     logits = stacked(x[0])
     for s in range(len(SEEDS)):
@@ -196,17 +201,20 @@ def test_fast_dropout_draws_one_mask_per_stack():
     assert torch.equal(drop.eval()(x), x)
 
 
+@pytest.mark.parametrize("sync", [True, False])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_a_nan_copy_is_masked_and_frozen_and_the_others_do_not_notice(optimizer):
+def test_a_nan_copy_is_masked_and_frozen_and_the_others_do_not_notice(optimizer, sync):
     analysis = _analysis("A")
     x, y = _data(analysis, 5, steps=12)
     k, dead = 5, 1
-    clean, _, _, clean_losses = _stacked_run(analysis, x, y, optimizer, steps=12)
+    clean, _, _, clean_losses, _ = _stacked_run(analysis, x, y, optimizer, steps=12, sync=sync)
     x_bad = x.clone()
     x_bad[k, dead] = float("inf")
-    stacked, opt, guard, losses = _stacked_run(analysis, x_bad, y, optimizer, steps=12)
+    stacked, opt, guard, losses, finite_grads = _stacked_run(analysis, x_bad, y, optimizer, steps=12, sync=sync,
+                                               reload_guard_at=k + 3)
     assert guard.alive.tolist() == [s != dead for s in range(len(SEEDS))]
     assert torch.isnan(losses[k, dead])
+    assert all(finite_grads)  # the NaN never reaches the optimizer (nor a GradScaler's inf check)
     for s in range(len(SEEDS)):
         if s != dead:  # bitwise what they did without the NaN copy
             assert torch.equal(losses[:, s], clean_losses[:, s])
@@ -217,7 +225,7 @@ def test_a_nan_copy_is_masked_and_frozen_and_the_others_do_not_notice(optimizer)
     def per_copy(state):
         return {key: v for key, v in state.items() if "num_batches" not in key}
     frozen = per_copy(stacked.lone_state_dict(dead))
-    short, short_opt, _, _ = _stacked_run(analysis, x, y, optimizer, steps=k)
+    short, short_opt, *_ = _stacked_run(analysis, x, y, optimizer, steps=k)
     assert all(torch.equal(v, short.lone_state_dict(dead)[key]) for key, v in frozen.items())
     lone, _ = _lone_run(analysis, SEEDS[dead], x[:, dead], y[:, dead], optimizer, steps=k)
     assert _max_diff(frozen, per_copy(lone.state_dict())) < 1e-4
@@ -229,12 +237,13 @@ def test_a_nan_copy_is_masked_and_frozen_and_the_others_do_not_notice(optimizer)
                 assert torch.equal(blocks[dead], short_opt.state[q][name].unflatten(0, (len(SEEDS), -1))[dead])
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_low_precision_forward_matches_the_lone_forwards(dtype, tol):
+@pytest.mark.parametrize("dtype,tol,channels_last", [(torch.float32, 1e-5, False), (torch.float32, 1e-5, True),
+                                                     (torch.bfloat16, 3e-2, False)])
+def test_low_precision_forward_matches_the_lone_forwards(dtype, tol, channels_last):
     for net in sorted(NETS):
         analysis = _analysis(net)
         networks, states = lone_networks(analysis, SEEDS)
-        stacked = StackedNetwork(analysis, SEEDS).to(dtype).train()
+        stacked = StackedNetwork(analysis, SEEDS, channels_last=channels_last).to(dtype).train()
         x = torch.randn(len(SEEDS), 8, *analysis.input_shape).to(dtype)
         out = stacked(x)
         assert out.dtype == dtype and out.shape == (len(SEEDS), 8, analysis.output_shape[0])

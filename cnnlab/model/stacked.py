@@ -290,10 +290,12 @@ class StackedNetwork(nn.Module):
     """
 
     def __init__(self, analysis: Analysis, seeds: Sequence[int], init: str = "keras",
-                 bn_momentum: float = 0.99, bn_eps: float = 1e-3, dropout_mode: str = "exact"):
+                 bn_momentum: float = 0.99, bn_eps: float = 1e-3, dropout_mode: str = "exact",
+                 channels_last: bool = False):
         super().__init__()
         networks, states = lone_networks(analysis, seeds, init, bn_momentum, bn_eps)
         self._setup(analysis, seeds, states, 1 - bn_momentum, bn_eps, dropout_mode)
+        self.set_channels_last(channels_last)
         for s, network in enumerate(networks):
             self.load_lone_state_dict(s, network.state_dict())
 
@@ -333,6 +335,7 @@ class StackedNetwork(nn.Module):
         if len(seeds) < 1:
             raise ConfigError("a stack needs at least one seed")
         self.analysis = analysis
+        self.channels_last = False
         self.stack = len(seeds)
         self.seeds = [int(s) for s in seeds]
         self.dropout_mode = dropout_mode
@@ -375,11 +378,21 @@ class StackedNetwork(nn.Module):
     def _activation(self, name: str) -> nn.Module:
         return StackedSoftmax(self.stack) if name == "softmax" else _activation(name)  # others: element-wise
 
+    def set_channels_last(self, enabled: bool = True) -> StackedNetwork:
+        """Maps in channels-last memory (conv weights too). On the CPU oneDNN's grouped
+        convolution is several times slower on contiguous NCHW maps than on channels-last
+        ones (benchmarks/stacked_step.py); the values are the same either way."""
+        self.channels_last = bool(enabled)
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, c, h, w = x.shape  # (S, B, C, H, W)
         if s != self.stack:
             raise ValueError(f"input has {s} copies, the stack {self.stack}")
-        x = x.transpose(0, 1).reshape(b, s * c, h, w)  # (B, S*C, H, W)
+        if self.channels_last:  # (B, H, W, S*C) in memory, one copy
+            x = x.permute(1, 3, 4, 0, 2).reshape(b, h, w, s * c).permute(0, 3, 1, 2)  # (B, S*C, H, W)
+        else:
+            x = x.transpose(0, 1).reshape(b, s * c, h, w)  # (B, S*C, H, W)
         for module in self.children():
             x = module(x)
         return x  # (S, B, classes) logits
@@ -447,80 +460,124 @@ def stacked_loss(logits: torch.Tensor, y: torch.Tensor, alive: torch.Tensor | No
 
 
 class CopyGuard:
-    """Masks copies whose loss became non-finite and freezes them, without a host sync.
+    """Masks copies whose loss became non-finite and freezes them; live copies are untouched.
 
     Zero gradients alone do not freeze a copy: Adam's momentum, SGD's momentum buffer and
     weight decay keep moving its weights, and its BatchNorm statistics took the NaN batch
-    already. So the guard keeps the last good state of every copy (parameters, BatchNorm
-    running statistics, optimizer state tensors shaped like their parameter) and, after each
-    optimizer step, puts it back into the masked copies' slots with torch.where. A live
-    copy's slots are selected unchanged, so its training is bitwise what it would have been
-    without the guard; a masked copy stays at its state before the step whose loss was not
-    finite (a lone run stopped there). Shared scalars (Adam's step count,
-    num_batches_tracked) keep counting.
+    already. So a masked copy's slots of the parameters, BatchNorm running statistics and
+    optimizer state tensors shaped like their parameter (exp_avg, exp_avg_sq,
+    momentum_buffer ...) are put back after every optimizer step to their values before the
+    step whose loss was not finite: the copy stays where a lone run stopped at that step
+    would be. Shared scalars (Adam's step count, num_batches_tracked) keep counting. Live
+    copies' slots are never written, so their training is bitwise what it is without the
+    guard and without the masked copy (tests/test_stacked.py checks both).
 
     One training step:
 
         logits = network(x)
         loss, per_copy = stacked_loss(logits, y, guard.alive)  # updates guard.alive
         loss.backward()
-        guard.mask_gradients()      # NaN gradients of masked copies -> 0
+        guard.mask_gradients()      # masked copies' (NaN) gradients -> 0
         optimizer.step()
-        guard.commit()              # masked copies back to their last good state
+        guard.commit()              # masked copies back to their frozen state
 
-    Cost: one copy of the parameters, buffers and optimizer state, and two element-wise
-    kernels per tensor per step (the tensors are small; `freeze=False` skips them, leaving
-    masked copies to drift, which does not affect live copies).
+    Two ways to know the masked copies:
+
+    sync=True (default on the CPU, where a host sync costs nothing): mask_gradients reads
+        `alive` on the host once a step. Until a copy dies the guard only copies the
+        BatchNorm statistics (a few floats) each step; when one dies it saves that copy's
+        slots (parameters and optimizer state are still those before the step; the
+        statistics come from the copy made after the previous step), and from then on it
+        rewrites only that copy's slots.
+    sync=False (default on CUDA, where a sync per step stalls the launch queue): no host
+        sync. The guard keeps the last good value of every tracked tensor and after each
+        step selects, with torch.where, the new value for live copies and the kept one for
+        masked copies: one copy of the state in memory and a few element-wise kernels per
+        tensor per step.
+
+    Make the guard after the network is on its device and, on resume, load its state after
+    the network's and the optimizer's (the masked copies' slots already hold their frozen
+    state then).
     """
 
     def __init__(self, network: StackedNetwork, optimizer: torch.optim.Optimizer | None = None,
-                 freeze: bool = True):
-        self.network, self.optimizer, self.freeze = network, optimizer, freeze
+                 sync: bool | None = None):
+        self.network, self.optimizer = network, optimizer
         self.stack = network.stack
         device = next(network.parameters()).device
+        self.sync = device.type != "cuda" if sync is None else bool(sync)
         self.alive = torch.ones(network.stack, dtype=torch.bool, device=device)
-        self._good: dict[tuple, torch.Tensor] = {}  # last good values, by _tracked's keys
-        if freeze:
-            for key, tensor in self._tracked():
-                self._good[key] = tensor.detach().clone()
-
-    def _where_alive(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        keep = self.alive.view(self.stack, *([1] * new.dim()))  # (S, 1, ...): one flag per block
-        return torch.where(keep, new.unflatten(0, (self.stack, -1)), old.unflatten(0, (self.stack, -1))
-                           ).view_as(new)
-
-    @torch.no_grad()
-    def mask_gradients(self) -> None:
-        for p in self.network.parameters():
-            if p.grad is not None:
-                p.grad.copy_(self._where_alive(p.grad, torch.zeros_like(p.grad)))
+        self._good: dict[tuple, torch.Tensor] = {}  # by _tracked's keys; sync: BatchNorm statistics only
+        self._frozen: dict[int, dict[tuple, torch.Tensor]] = {}  # sync: masked copy -> its saved slots
+        self._remember()
 
     def _tracked(self) -> Iterator[tuple[tuple, torch.Tensor]]:
+        parameters = {name for name, _ in self.network.named_parameters()}
         for name, tensor in self.network.per_copy_tensors():
-            yield ("network", name), tensor
+            yield ("parameter" if name in parameters else "buffer", name), tensor
         if self.optimizer is not None:
             for index, p in enumerate(self.network.parameters()):
                 for name, value in self.optimizer.state.get(p, {}).items():
                     if torch.is_tensor(value) and value.shape == p.shape:
                         yield ("optimizer", index, name), value
 
+    def _blocks(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.unflatten(0, (self.stack, -1))  # (S, ...): block s is copy s's slot
+
+    @torch.no_grad()
+    def _remember(self) -> None:
+        """The current state as the last good one (a masked copy's slots hold its frozen state)."""
+        self._good = {key: tensor.detach().clone() for key, tensor in self._tracked()
+                      if not self.sync or key[0] == "buffer"}
+        if self.sync:
+            dead = (~self.alive).nonzero().flatten().tolist()
+            self._frozen = {s: {key: self._blocks(t)[s].clone() for key, t in self._tracked()} for s in dead}
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """After backward: masked copies' gradients to zero (live copies' untouched)."""
+        if not self.sync:
+            for p in self.network.parameters():
+                if p.grad is not None:
+                    keep = self.alive.view(self.stack, *([1] * p.dim()))  # (S, 1, ...)
+                    p.grad.copy_(torch.where(keep, self._blocks(p.grad), 0.0).view_as(p.grad))
+            return
+        dead = (~self.alive).nonzero().flatten().tolist()  # the host sync
+        for s in dead:
+            if s not in self._frozen:  # masked in this step: parameters and optimizer state are still
+                # the step's inputs; its BatchNorm statistics took this step's batch, so from _good
+                self._frozen[s] = {key: self._blocks(self._good[key] if key[0] == "buffer" else t)[s].clone()
+                                   for key, t in self._tracked()}
+        if dead:
+            for p in self.network.parameters():
+                if p.grad is not None:
+                    self._blocks(p.grad)[dead] = 0
+
     @torch.no_grad()
     def commit(self) -> None:
-        """After optimizer.step(): masked copies' slots back to their last good values."""
-        if not self.freeze:
-            return
+        """After optimizer.step(): masked copies' slots back to their frozen values."""
         for key, tensor in self._tracked():
+            if self.sync:
+                for s, saved in self._frozen.items():
+                    slot = self._blocks(tensor)[s]
+                    # optimizer state that did not exist yet when the copy died: none (zeros)
+                    slot.copy_(saved[key]) if key in saved else slot.zero_()
+                if key[0] == "buffer":
+                    self._good[key].copy_(tensor)
+                continue
             good = self._good.get(key)
-            if good is None:  # optimizer state made by this step: a copy masked already has none (zeros)
+            if good is None:  # optimizer state made by this step: a copy masked already has none
                 good = self._good[key] = torch.zeros_like(tensor)
-            tensor.copy_(self._where_alive(tensor, good))
-            good.copy_(tensor)
+            keep = self.alive.view(self.stack, *([1] * tensor.dim()))
+            torch.where(keep, self._blocks(tensor), self._blocks(good), out=self._blocks(good))
+            tensor.copy_(good)
 
     def state_dict(self) -> dict:
         return {"alive": self.alive.clone()}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.alive.copy_(state["alive"])
+        self._remember()
 
 
 # ---------------------------------------------------------------------------------------------
