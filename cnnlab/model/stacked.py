@@ -21,12 +21,21 @@ does.
 Copy s starts as the lone network of seed s exactly: `lone_networks` seeds
 torch's generator as train.py does (`L.seed_everything(seed)` then `build`) and
 copies each network into its slot. `stacked_loss` sums each copy's mean
-cross-entropy, so each copy gets exactly its lone gradient, and element-wise
-optimizers (Adam, AdamW, SGD with momentum or weight decay) then make exactly
-its lone update. Anything that mixes copies would break that: gradient
+cross-entropy, so each copy gets its lone gradient, and element-wise optimizers
+(Adam, AdamW, SGD with momentum or weight decay) then make its lone update.
+Exactly in arithmetic; in floating point the grouped convolution and the
+batched matmul sum in another order than the lone kernels, so values differ in
+the last bits (float64: gradients ~1e-16 apart). Adam magnifies one case: a
+conv bias followed by BatchNorm has a gradient that is zero in exact
+arithmetic, i.e. pure rounding noise, which Adam scales by 1/eps (see
+tests/test_stacked.py for the figures). Dropout masks are bitwise the lone
+ones. Anything that mixes copies would break the equivalence: gradient
 clipping by norm must be done per copy (it is not offered here), and a
 GradScaler's inf check or an LR scheduler on a monitored metric acts on all
 copies at once.
+
+On the CPU call `set_channels_last()` for S > 1: oneDNN's grouped convolution
+is several times slower on contiguous NCHW maps.
 
 State-dict keys are build()'s (conv0.weight, bn1.running_mean, dense6.weight,
 ...); every per-copy tensor is split along its first dimension into S equal
@@ -206,7 +215,9 @@ class StackedSoftmax(nn.Module):
 
 def _cuda_dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """F.dropout (CUDA's fused kernel) drawing from `generator`: the global CUDA generator is
-    swapped for it during the call, since native_dropout takes no generator argument."""
+    swapped for it during the call, since native_dropout takes no generator argument.
+
+    Not yet compared with a lone run on a GPU (written without one); not CUDA-graph safe."""
     default = torch.cuda.default_generators[x.device.index if x.device.index is not None
                                             else torch.cuda.current_device()]
     saved = default.get_state()
