@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cnnlab.analysis import analyse  # noqa: E402
+from cnnlab.model.shapes import analyse  # noqa: E402
+from cnnlab.model.spec import parse_layers  # noqa: E402
 from cnnlab.model.stacked import CopyGuard, StackedNetwork, lone_networks, stacked_loss  # noqa: E402
-from cnnlab.spec import parse_layers  # noqa: E402
 
 BASELINE = ["conv:6:5:same", "bn", "relu", "maxpool:2:same", "dropout:0.2", "flatten",
             "dense:128:relu", "dropout:0.2", "dense:10:softmax"]

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.analysis import analyse
-from cnnlab.build import build
+from cnnlab.model.build import build
+from cnnlab.model.shapes import analyse
+from cnnlab.model.spec import LAYER_NAMES, parse_layers
 from cnnlab.model.stacked import (
     CopyGuard,
     StackedDropout,
@@ -17,7 +18,6 @@ from cnnlab.model.stacked import (
     stacked_memory_bytes,
     supports_stacking,
 )
-from cnnlab.spec import LAYER_NAMES, parse_layers
 
 SEEDS = [3, 11, 42]
 STEPS = 20

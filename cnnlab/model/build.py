@@ -23,12 +23,12 @@ from cnnlab.model.shapes import Analysis, LayerInfo
 from cnnlab.model.spec import Activation, BatchNorm, Conv, Dense, Dropout, Flatten, GlobalAvgPool, Pool
 
 
-def _torch_pads(padding: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+def torch_pads(padding: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     top, bottom, left, right = padding
     return (left, right, top, bottom)  # F.pad's order: last dim first
 
 
-def _symmetric(padding: tuple[int, int, int, int]) -> bool:
+def is_symmetric(padding: tuple[int, int, int, int]) -> bool:
     top, bottom, left, right = padding
     return top == bottom and left == right
 
@@ -78,7 +78,7 @@ class GlobalAvgPool2d(nn.Module):
         return x.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
 
 
-def _activation(name: str) -> nn.Module:
+def activation_module(name: str) -> nn.Module:
     return {
         "relu": nn.ReLU,
         "sigmoid": nn.Sigmoid,
@@ -91,22 +91,22 @@ def _activation(name: str) -> nn.Module:
 def _conv(layer: LayerInfo, spec: Conv) -> nn.Module:
     args = dict(in_channels=layer.input_shape[0], out_channels=spec.filters,
                 kernel_size=spec.kernel, stride=spec.stride, bias=spec.bias)
-    if _symmetric(layer.padding):
+    if is_symmetric(layer.padding):
         return nn.Conv2d(**args, padding=(layer.padding[0], layer.padding[2]))
-    return PaddedConv2d(**args, pads=_torch_pads(layer.padding))
+    return PaddedConv2d(**args, pads=torch_pads(layer.padding))
 
 
-def _pool(layer: LayerInfo, spec: Pool) -> nn.Module:
-    symmetric = _symmetric(layer.padding)
+def pool_module(layer: LayerInfo, spec: Pool) -> nn.Module:
+    symmetric = is_symmetric(layer.padding)
     sym_pad = (layer.padding[0], layer.padding[2])
     if spec.kind == "max":
         if symmetric:
             return nn.MaxPool2d(spec.size, spec.stride, padding=sym_pad)
-        return PaddedMaxPool2d(spec.size, spec.stride, pads=_torch_pads(layer.padding))
+        return PaddedMaxPool2d(spec.size, spec.stride, pads=torch_pads(layer.padding))
     if symmetric:
         # count_include_pad=False divides by the real pixels, like TensorFlow.
         return nn.AvgPool2d(spec.size, spec.stride, padding=sym_pad, count_include_pad=False)
-    return PaddedAvgPool2d(spec.size, spec.stride, _torch_pads(layer.padding),
+    return PaddedAvgPool2d(spec.size, spec.stride, torch_pads(layer.padding),
                            layer.input_shape[1:])
 
 
@@ -119,13 +119,13 @@ def _layer_modules(layer: LayerInfo, bn_momentum: float, bn_eps: float):
         case Dense():
             yield f"dense{layer.index}", nn.Linear(layer.input_shape[0], spec.units, bias=spec.bias)
         case Pool():
-            yield f"{spec.kind}pool{layer.index}", _pool(layer, spec)
+            yield f"{spec.kind}pool{layer.index}", pool_module(layer, spec)
         case BatchNorm():
             # Keras's momentum m keeps m of the old statistic; PyTorch's keeps 1 - m.
             cls = nn.BatchNorm2d if len(layer.input_shape) == 3 else nn.BatchNorm1d
             yield f"bn{layer.index}", cls(layer.input_shape[0], eps=bn_eps, momentum=1 - bn_momentum)
         case Activation():
-            yield f"{spec.name}{layer.index}", _activation(spec.name)
+            yield f"{spec.name}{layer.index}", activation_module(spec.name)
         case Dropout():
             yield name, nn.Dropout(spec.rate)
         case Flatten():
@@ -134,7 +134,7 @@ def _layer_modules(layer: LayerInfo, bn_momentum: float, bn_eps: float):
             yield f"gap{layer.index}", GlobalAvgPool2d()
     activation = getattr(spec, "activation", None)
     if isinstance(spec, (Conv, Dense)) and activation:
-        yield f"{name}_{activation}", _activation(activation)
+        yield f"{name}_{activation}", activation_module(activation)
 
 
 def ends_in_softmax(analysis: Analysis) -> bool:

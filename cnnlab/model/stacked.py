@@ -55,13 +55,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.analysis import Analysis, LayerInfo
-from cnnlab.build import PaddedConv2d, _activation, _pool, _symmetric, _torch_pads, build, ends_in_softmax
 from cnnlab.errors import ConfigError
-from cnnlab.spec import Activation, BatchNorm, Conv, Dense, Dropout, Flatten, GlobalAvgPool, Pool, describe
+from cnnlab.model.build import (
+    PaddedConv2d,
+    activation_module,
+    build,
+    ends_in_softmax,
+    is_symmetric,
+    pool_module,
+    torch_pads,
+)
+from cnnlab.model.shapes import Analysis, LayerInfo
+from cnnlab.model.spec import Activation, BatchNorm, Conv, Dense, Dropout, Flatten, GlobalAvgPool, Pool, describe
 
 DROPOUT_MODES = ("exact", "fast")
-# Layer kinds the stack supports: every kind of cnnlab.spec today.
+# Layer kinds the stack supports: every kind of cnnlab.model.spec today.
 STACKABLE = (Conv, Dense, Pool, BatchNorm, Activation, Dropout, Flatten, GlobalAvgPool)
 # Optimizer state tensors per parameter tensor (sgd: its momentum buffer, absent when momentum=0).
 OPTIMIZER_STATE = {"adam": 2, "adamw": 2, "sgd": 1, "none": 0}
@@ -140,9 +148,9 @@ def _stacked_conv(layer: LayerInfo, spec: Conv, stack: int) -> nn.Conv2d:
     """build()'s convolution with S groups: group s maps copy s's channels only."""
     args = dict(in_channels=stack * layer.input_shape[0], out_channels=stack * spec.filters,
                 kernel_size=spec.kernel, stride=spec.stride, bias=spec.bias, groups=stack)
-    if _symmetric(layer.padding):
+    if is_symmetric(layer.padding):
         return nn.Conv2d(**args, padding=(layer.padding[0], layer.padding[2]))
-    return PaddedConv2d(**args, pads=_torch_pads(layer.padding))  # TF's extra pixel bottom/right
+    return PaddedConv2d(**args, pads=torch_pads(layer.padding))  # TF's extra pixel bottom/right
 
 
 class FlatBatchNorm(nn.BatchNorm1d):
@@ -370,12 +378,12 @@ class StackedNetwork(nn.Module):
                 self._leading |= {f"dense{layer.index}.weight", f"dense{layer.index}.bias"}
                 yield f"dense{layer.index}", StackedLinear(s, layer.input_shape[0], spec.units, spec.bias)
             case Pool():
-                yield f"{spec.kind}pool{layer.index}", _pool(layer, spec)  # per channel: as built
+                yield f"{spec.kind}pool{layer.index}", pool_module(layer, spec)  # per channel: as built
             case BatchNorm():
                 cls = nn.BatchNorm2d if len(layer.input_shape) == 3 else FlatBatchNorm
                 yield f"bn{layer.index}", cls(s * layer.input_shape[0], eps=eps, momentum=momentum)
             case Activation():
-                yield f"{spec.name}{layer.index}", self._activation(spec.name)
+                yield f"{spec.name}{layer.index}", self.activation_module(spec.name)
             case Dropout():
                 yield name, StackedDropout(spec.rate, s, self.generators, self.dropout_mode)
             case Flatten():
@@ -384,10 +392,10 @@ class StackedNetwork(nn.Module):
                 yield f"gap{layer.index}", StackedGlobalAvgPool(s)
         activation = getattr(spec, "activation", None)
         if isinstance(spec, (Conv, Dense)) and activation:
-            yield f"{name}_{activation}", self._activation(activation)
+            yield f"{name}_{activation}", self.activation_module(activation)
 
-    def _activation(self, name: str) -> nn.Module:
-        return StackedSoftmax(self.stack) if name == "softmax" else _activation(name)  # others: element-wise
+    def activation_module(self, name: str) -> nn.Module:
+        return StackedSoftmax(self.stack) if name == "softmax" else activation_module(name)  # others: element-wise
 
     def set_channels_last(self, enabled: bool = True) -> StackedNetwork:
         """Maps in channels-last memory (conv weights too). On the CPU oneDNN's grouped
