@@ -102,26 +102,46 @@ def _compare(argv: list[str]) -> int:
     from pathlib import Path
 
     from cnnlab.results.compare import compare, write_outputs
-    from cnnlab.vocabulary import COMPARED_METRICS, DEFAULT_COMPARED
 
     parser = argparse.ArgumentParser(prog="cnnlab compare", description=(
         "Group runs by the knobs that vary; mean, std and 95%% CI over seeds; paired tests."))
     parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
     _store_options(parser)
-    parser.add_argument("--metric", default=DEFAULT_COMPARED, choices=COMPARED_METRICS,
-                        help="the metric of the paired comparison")
+    _comparison_options(parser)
     parser.add_argument("--format", default="text", choices=("text", "markdown", "csv", "latex"))
     parser.add_argument("--out", default=None, help="also write .txt/.md/.csv/.tex and plots here")
     args = parser.parse_args(argv)
     uri = _store(args)
     is_run = _is_run_id(args.target)
     result = compare(uri, parent=args.target if is_run else None,
-                     experiment=None if is_run else args.target, metric=args.metric)
+                     experiment=None if is_run else args.target, **_comparison_args(args))
     print({"text": result.text, "markdown": result.markdown, "csv": result.csv,
            "latex": result.latex}[args.format]())
     if args.out:
         write_outputs(result, Path(args.out), uri)
     return 0
+
+
+def _comparison_options(parser: argparse.ArgumentParser) -> None:
+    from cnnlab.results.compare import DEFAULT_EFFECT
+    from cnnlab.vocabulary import COMPARED_METRICS
+
+    parser.add_argument("--metric", default=None, choices=COMPARED_METRICS,
+                        help="the compared metric (default: test/acc when every run held out a validation "
+                             "split, else val/acc_best, with a warning)")
+    parser.add_argument("--reference", default=None,
+                        help="the variant the others are compared with, e.g. 'kernels=[5]' (default: the "
+                             "preset's control, else the first variant in the sweep's order)")
+    parser.add_argument("--all-pairs", action="store_true", help="compare every pair (Holm-corrected)")
+    parser.add_argument("--effect", type=float, default=DEFAULT_EFFECT,
+                        help="the difference to plan seeds for (default: %(default)s)")
+    parser.add_argument("--include-checks", action="store_true",
+                        help="also count runs made by reproduce and audit as replicates")
+
+
+def _comparison_args(args: argparse.Namespace) -> dict:
+    return {"metric": args.metric, "reference": args.reference, "all_pairs": args.all_pairs,
+            "effect": args.effect, "include_checks": args.include_checks}
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -170,20 +190,19 @@ def _report(argv: list[str]) -> int:
 
     from cnnlab.config.compose import slug
     from cnnlab.results.report import write_report
-    from cnnlab.vocabulary import COMPARED_METRICS, DEFAULT_COMPARED
 
     parser = argparse.ArgumentParser(prog="cnnlab report", description=(
         "A self-contained report of one ablation: question, architectures, results with "
         "intervals and paired tests, curves, provenance; plus a LaTeX table."))
     parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
     _store_options(parser)
-    parser.add_argument("--metric", default=DEFAULT_COMPARED, choices=COMPARED_METRICS)
+    _comparison_options(parser)
     parser.add_argument("--out", default=None, help="default: <runs>/reports/<target>")
     args = parser.parse_args(argv)
     run = _is_run_id(args.target)
     out = Path(args.out) if args.out else Path(args.runs) / "reports" / slug(args.target)
     written = write_report(_store(args), experiment=None if run else args.target,
-                          parent=args.target if run else None, out=out, metric=args.metric)
+                          parent=args.target if run else None, out=out, **_comparison_args(args))
     print("\n".join(str(path) for path in written.values()))
     return 0
 

@@ -1,6 +1,7 @@
 """`write_report`: report.md, report.html and table.tex agree with `compare`, stand alone, trace provenance."""
 
 import base64
+import html
 import re
 import subprocess
 import sys
@@ -69,8 +70,9 @@ def test_report_numbers_are_compares_numbers(known):
             assert row[column].replace("+-", "$\\pm$") in tex
         assert f"<tr><td>{variant}</td><td>{row['n']}</td><td>{row['failed']}</td>" in page
     (pair,) = result.pairs
-    line = f"mean {pair['mean_diff']:+.4f}, bootstrap 95% CI [{pair['ci95_low']:+.4f}, {pair['ci95_high']:+.4f}]"
-    assert line in md and line in page
+    assert pair.method == "paired t-test" and len(pair.figures()) >= 8
+    for label, text in pair.figures():  # every figure compare shows, in all three formats
+        assert text in md and html.escape(text) in page and text.replace("%", "\\%") in tex, (label, text)
     assert tex == result.latex()
     assert all(rule in tex for rule in ("\\toprule", "\\midrule", "\\bottomrule"))
     # Architecture: each variant's expanded layers, and compare's parameter count.

@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from cnnlab.cli import main as cli
 from cnnlab.errors import ConfigError
-from cnnlab.results.compare import compare, paired
+from cnnlab.results.compare import compare
+from cnnlab.results.stats import paired_t
 
 TINY = ["data=synthetic", "model.widths=[4]", "model.dense=[8]", "trainer.max_epochs=1",
         "trainer.accelerator=cpu", "tracking.log_model=false"]
@@ -56,7 +57,7 @@ def test_parallel_sweep_makes_one_parent_and_four_children(tmp_path, capsys):
     assert list(table["n"]) == [2, 2]
     assert sum(line.lstrip().startswith("kernels=[") and " +- " in line
                for line in out.splitlines()) == 2  # the two printed rows
-    assert "over 2 shared seeds" in out and "paired t-test" in out
+    assert "paired t-test (two-sided) on 2 shared seeds" in out
 
 
 def test_a_failing_sweep_point_is_a_failed_child_and_the_sweep_goes_on(tmp_path):
@@ -123,6 +124,7 @@ def test_compare_reproduces_exact_statistics(tmp_path):
     result = compare(uri, experiment="known")
     table = result.table.set_index("variant")
     five = table.loc["kernels=[5]"]
+    assert list(table.index) == ["kernels=[3, 3]", "kernels=[5]"]  # natural order: (3, 3) < (5,)
     assert five["n"] == 3
     assert five["val/acc_best mean"] == pytest.approx(0.6)
     assert five["val/acc_best std"] == pytest.approx(0.1)  # sample std, n - 1
@@ -132,20 +134,23 @@ def test_compare_reproduces_exact_statistics(tmp_path):
     assert five["test/acc mean"] == pytest.approx(0.5)
     assert (five["params"], five["MACs"], five["RF"], five["s/epoch"]) == (100, 1000, 5, 2.0)
     (pair,) = result.pairs
-    # Reference kernels=[3,3] sorts first, so the difference is a - b per seed.
+    # Reference kernels=[3, 3] sorts first, so the difference is a - b per seed.
     d = [x - y for x, y in zip(a, b)]
     mean = sum(d) / 3
     sd = math.sqrt(sum((v - mean) ** 2 for v in d) / 2)
     t = mean / (sd / math.sqrt(3))
-    assert pair["a"] == "kernels=[3,3]" and pair["b"] == "kernels=[5]" and pair["n"] == 3
-    assert pair["mean_diff"] == pytest.approx(mean)
+    assert pair.a_label == "kernels=[3, 3]" and pair.b_label == "kernels=[5]" and pair.n == 3
+    assert pair.method == "paired t-test"
+    assert pair.mean_diff == pytest.approx(mean)
     assert t == pytest.approx(-2.0486, abs=1e-4)
-    assert pair["p_value"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t))  # exact for df = 2
-    assert min(d) <= pair["ci95_low"] <= pair["ci95_high"] <= max(d)
+    assert pair.p_value == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t))  # exact for df = 2
+    half = 4.302652729749464 * sd / math.sqrt(3)  # the Student-t interval of the mean difference
+    assert (pair.ci_low, pair.ci_high) == pytest.approx((mean - half, mean + half))
+    assert pair.p_holm == pytest.approx(pair.p_value)  # one comparison: Holm changes nothing
     assert not any("(< 3)" in w for w in result.warnings)  # n = 3: no small-n warning
     assert "\\toprule" in result.latex() and "\\bottomrule" in result.latex()
     assert result.markdown().startswith("| variant | n | failed |")
-    assert result.csv().splitlines()[0].startswith("variant,n,failed,val/acc_best mean")
+    assert result.csv().splitlines()[0].startswith("variant,n,failed,val/acc_best n,val/acc_best mean")
 
 
 def test_compare_warns_about_small_n_and_identical_networks(tmp_path):
@@ -161,11 +166,10 @@ def test_compare_warns_about_small_n_and_identical_networks(tmp_path):
 
 
 def test_paired_statistics_by_hand():
-    result = paired([1.0, 2.0, 3.0, 4.0], [2.0, 2.5, 3.5, 5.0])
-    assert result["mean_diff"] == pytest.approx(0.75)
+    result = paired_t([1.0, 2.0, 3.0, 4.0], [2.0, 2.5, 3.5, 5.0])
+    assert result.mean == pytest.approx(0.75)
     # d = [1, .5, .5, 1]: sd = sqrt(1/12), t = 0.75 / (sd / 2) = 5.1962, df = 3
-    assert result["p_value"] == pytest.approx(0.013847, abs=1e-5)
-    assert result["test"] == "paired t-test, two-sided"
+    assert result.p_value == pytest.approx(0.013847, abs=1e-5)
 
 
 def test_compare_unknown_experiment_lists_the_existing_ones(tmp_path, capsys):

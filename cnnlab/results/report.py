@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cnnlab.results.compare import Comparison, compare, plot
+from cnnlab.results.compare import Comparison, compare
+from cnnlab.results.plots import plot
 from cnnlab.tracking.reader import Reader
-from cnnlab.vocabulary import DEFAULT_COMPARED
 
 PROVENANCE_TAGS = ("mlflow.source.git.commit", "git.dirty", "version.torch", "version.lightning",
                    "version.mlflow", "host")
@@ -30,12 +30,13 @@ MISSING = "--"
 
 
 def write_report(uri: str, experiment: str | None = None, parent: str | None = None, *, out: Path,
-                 metric: str = DEFAULT_COMPARED) -> dict[str, Path]:
+                 metric: str | None = None, **options) -> dict[str, Path]:
     """Write the report of an experiment or a sweep's parent run into `out`; return the files by name.
 
-    With `parent`, the files are also logged to that run under `report/`.
+    `metric` and `options` (reference, all_pairs, effect, include_checks) are compare's. With
+    `parent`, the files are also logged to that run under `report/`.
     """
-    result = compare(uri, experiment=experiment, parent=parent, metric=metric)  # ConfigError on bad input
+    result = compare(uri, experiment=experiment, parent=parent, metric=metric, **options)  # ConfigError on bad input
     reader = Reader(uri)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,8 @@ def _question(reader: Reader, result: Comparison, experiment: str | None, parent
     else:
         lines = [("Experiment", str(experiment))]
     lines.append(("Knobs that vary between runs", ", ".join(result.knobs) or "(none: one variant)"))
-    lines.append(("Paired comparison metric", result.metric))
+    lines.append(("Compared metric", result.metric))
+    lines.append(("Reference variant", result.reference or "(none)"))
     return lines
 
 
@@ -74,7 +76,8 @@ def _architecture(result: Comparison, runs: dict) -> pd.DataFrame:
     """Per variant: compare's params / MACs / RF, and the layer list one of its runs logged."""
     shown = result.display().set_index("variant")
     rows = []
-    for variant, group in result.runs.groupby("variant", sort=True):
+    for variant in result.order:
+        group = result.runs[result.runs["variant"] == variant]
         # Prefer a finished run: a run that failed before training may lack the param.
         ordered = sorted(group["run_id"], key=lambda r: runs[r].info.status != "FINISHED")
         source = next((r for r in ordered if "model.layers_expanded" in runs[r].data.params), None)
@@ -134,7 +137,7 @@ def _per_seed(table: pd.DataFrame) -> str:
 
 def _notes(result: Comparison) -> list[str]:
     """The paired comparisons and warnings, worded as `compare` words them."""
-    return result.pairs_text() + [f"warning: {w}" for w in result.warnings]
+    return result.lines()
 
 
 # --- Markdown -------------------------------------------------------------------------------------
@@ -197,6 +200,7 @@ def _html(question, architecture: pd.DataFrame, result: Comparison, provenance: 
                                           for label, value in question) + "</ul>",
         "<h2>Architectures</h2>", _html_table(architecture),
         "<h2>Results</h2>", _html_table(result.display()),
+        _html_table(result.comparisons_table()) if result.pairs else "",
         "<ul>" + "".join(f"<li>{_esc(p)}</li>" for p in pairs) + "</ul>" if pairs else "",
         "<ul>" + "".join(f'<li class="warn">{_esc(w)}</li>' for w in warnings) + "</ul>" if warnings else "",
         "<h2>Curves</h2>", figures,
