@@ -133,6 +133,8 @@ def test_residual_block_counts_and_field():
     (["flatten", "res:8"], "layer 1 (res 8) needs a CxHxW map, got a flat input of 25 features"),
     (["flatten", "dwconv:3"], "layer 1 (dwconv 3x3, valid) needs a CxHxW map"),
     (["gmp", "gmp"], "layer 1 (gmp) needs a CxHxW map"),
+    (["gap", "ln"], "layer 1 (ln) would normalise groups of a single value (input 1, 1 group); a group needs"),
+    (["conv:2:5", "gn:2"], "layer 1 (gn 2) would normalise groups of a single value (input 1x1x2, 2 groups)"),
     (["sepconv:4:7"], "layer 0 (sepconv 4 7x7, valid) needs at least 7x7 input, got 5x5"),
 ])
 def test_impossible_new_stacks(layers, fragment):

@@ -302,12 +302,15 @@ def analyse(specs: list[LayerSpec], input_shape: Shape) -> Analysis:
                 channels = shape[0]
                 trainable, non_trainable = 2 * channels, 2 * channels
                 out = shape
-            case GroupNorm():
-                if shape[0] % spec.groups:
-                    raise _fail(index, spec, f"needs channels divisible by its {spec.groups} groups, "
+            case GroupNorm() | LayerNorm():
+                groups = spec.groups if isinstance(spec, GroupNorm) else 1
+                if shape[0] % groups:
+                    raise _fail(index, spec, f"needs channels divisible by its {groups} groups, "
                                 f"got {shape[0]} channels")
-                trainable, out = 2 * shape[0], shape
-            case LayerNorm():
+                if math.prod(shape) // groups < 2:  # torch refuses; Keras would output beta alone
+                    raise _fail(index, spec, f"would normalise groups of a single value (input "
+                                f"{format_shape(shape)}, {groups} group{'s' * (groups > 1)}); "
+                                "a group needs at least 2")
                 trainable, out = 2 * shape[0], shape
             case Flatten():
                 _need_map(index, spec, shape)
