@@ -42,6 +42,7 @@ from cnnlab.model.spec import (
     GlobalMaxPool,
     GroupNorm,
     LayerNorm,
+    LayerSpec,
     Pool,
     Residual,
     SeparableConv,
@@ -279,7 +280,7 @@ def _layer_modules(layer: LayerInfo, bn_momentum: float, bn_eps: float):
         yield f"{name}_{activation}", activation_module(activation)
 
 
-def fused_activation(spec) -> bool:
+def fused_activation(spec: LayerSpec) -> bool:
     """Does this layer carry its own activation module after it (conv:...:relu, dense:...:relu)?"""
     return isinstance(spec, (Conv, DepthwiseConv, SeparableConv, Dense)) and bool(spec.activation)
 
@@ -294,9 +295,12 @@ def init_keras(module: nn.Module) -> None:
     """Keras's defaults: Glorot-uniform kernels, zero biases (BN, GN: gamma 1, beta 0, as torch)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d) and m.groups > 1:
-            # Keras's DepthwiseConv2D kernel is (kh, kw, C, M): fans kh*kw*C and kh*kw*M, where
-            # torch's xavier would read (C*M, 1, kh, kw) as fans kh*kw and kh*kw*C*M.
-            assert m.groups == m.in_channels, "a lone network's only grouped conv is depthwise"
+            # A lone network's only grouped conv is depthwise (groups = C). Keras's DepthwiseConv2D
+            # kernel is (kh, kw, C, M): fans kh*kw*C and kh*kw*M, where torch's xavier would read
+            # (C*M, 1, kh, kw) as fans kh*kw and kh*kw*C*M.
+            if m.groups != m.in_channels:
+                raise ValueError(f"Keras initialisation knows depthwise convs only, got groups={m.groups} "
+                                 f"over {m.in_channels} channels")
             area = m.kernel_size[0] * m.kernel_size[1]
             fan_in, fan_out = area * m.in_channels, area * m.out_channels // m.in_channels
             bound = math.sqrt(6.0 / (fan_in + fan_out))

@@ -25,7 +25,11 @@ Grammar (fields separated by ':'; defaults are Keras's):
                  nobn (no BatchNorm; the convs get biases), an activation name (default relu)
         shortcuts: identity; proj = 1x1 conv stride s + BN (option B, and C when the shape is
                  kept); pad = identity subsampled by the stride with zero channels appended
-                 (option A, the paper's CIFAR models, section 4.2)
+                 (option A, the paper's CIFAR models, section 4.2). With Keras's `same`, a
+                 stride-2 conv on an even size pads bottom/right only, so the main path's
+                 windows centre on pixels 1, 3, 5 ... while the shortcut reads 0, 2, 4 ...
+                 (what the same block written in Keras does; PyTorch reimplementations pad
+                 both sides). The receptive field is the main path's, which holds the shortcut's.
     bn                                batch normalisation over channels
     gn:GROUPS                         group normalisation (Wu & He 2018; Keras GroupNormalization):
                                       per sample over each group of C/GROUPS channels and H, W
@@ -33,6 +37,7 @@ Grammar (fields separated by ':'; defaults are Keras's):
                                       gamma and beta: Keras GroupNormalization(groups=1), torch
                                       GroupNorm(1, C). Keras's LayerNormalization() default
                                       (axis=-1) normalises each pixel over its channels instead.
+                                      gn and ln: epsilon 1e-3 (Keras's); on flat features too
     relu | sigmoid | tanh | softmax | linear     an activation layer
     dropout:RATE                      0 <= RATE < 1
     flatten                           (C, H, W) -> (C*H*W,)
