@@ -93,3 +93,51 @@ def test_impossible_stacks(layers, fragment):
 def test_network_must_end_in_class_scores():
     with pytest.raises(ConfigError, match="ends in 16x16x6 but the data has 10 classes"):
         model_plan(compose(["model=custom", "model.layers=[conv:6:5:same,maxpool:2]"]))
+
+
+def test_new_layers_count_as_keras_does():
+    # DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2) on 9x9x4: 3*3*4*2 + 8 bias.
+    a = analyse(parse_layers(["dwconv:3:s2:same:m2", "sepconv:5:3:valid:m3", "gn:5", "ln", "gmp"]), (4, 9, 9))
+    dw, sep, gn, ln, gmp = a.layers
+    assert (dw.output_shape, dw.trainable, dw.macs, dw.padding) == ((8, 5, 5), 80, 5 * 5 * 8 * 9, (1, 1, 1, 1))
+    # SeparableConv2D(5, 3, depth_multiplier=3) on 5x5x8: 3*3*8*3 depthwise + 24*5 pointwise + 5 bias.
+    assert (sep.output_shape, sep.trainable) == ((5, 3, 3), 216 + 120 + 5)
+    assert sep.macs == 3 * 3 * (24 * 9 + 24 * 5)
+    assert (gn.trainable, gn.non_trainable, ln.trainable) == (10, 0, 10)
+    assert gmp.output_shape == (5,) and gmp.rf is None
+    assert [layer.rf.size for layer in a.layers[:2]] == [(3, 3), (7, 7)]  # 3 + (3 - 1) * 2
+
+
+def test_residual_block_counts_and_field():
+    # 16 -> 32 channels, stride 2: conv 3x3 16->32, conv 3x3 32->32, 1x1 projection, 3 BNs.
+    a = analyse(parse_layers(["res:32:s2"]), (16, 8, 8))
+    block = a.layers[0]
+    assert block.output_shape == (32, 4, 4)
+    assert block.trainable == 9 * 16 * 32 + 9 * 32 * 32 + 16 * 32 + 3 * 2 * 32
+    assert block.non_trainable == 3 * 2 * 32
+    assert block.macs == 4 * 4 * 32 * (9 * 16 + 9 * 32 + 16)
+    assert block.padding == (0, 1, 0, 1)  # Keras: stride 2 on an even size pads bottom/right
+    # the main path's two 3x3 convs: 3 + 2 * 2 = 7, jump 2; centred on pixel 1 (padding after)
+    assert (block.rf.size, block.rf.jump, block.rf.start) == ((7, 7), (2, 2), (1.5, 1.5))
+    pad = analyse(parse_layers(["res:32:s2:pad:nobn"]), (16, 8, 8)).layers[0]
+    assert (pad.trainable, pad.non_trainable) == (9 * 16 * 32 + 32 + 9 * 32 * 32 + 32, 0)
+    assert pad.macs == 4 * 4 * 32 * 9 * (16 + 32)
+    same = analyse(parse_layers(["res:16", "res:16:proj"]), (16, 8, 8)).layers
+    assert same[0].trainable == 2 * (9 * 16 * 16 + 2 * 16)  # identity shortcut: no parameters
+    assert same[1].trainable == same[0].trainable + 16 * 16 + 2 * 16  # option C: a projection anyway
+
+
+@pytest.mark.parametrize("layers, fragment", [
+    (["conv:6:3", "gn:4"], "layer 1 (gn 4) needs channels divisible by its 4 groups, got 6 channels"),
+    (["conv:16:1", "res:8:pad"], "layer 1 (res 8, zero-pad) cannot zero-pad 16 input channels to 8; use proj"),
+    (["flatten", "res:8"], "layer 1 (res 8) needs a CxHxW map, got a flat input of 25 features"),
+    (["flatten", "dwconv:3"], "layer 1 (dwconv 3x3, valid) needs a CxHxW map"),
+    (["gmp", "gmp"], "layer 1 (gmp) needs a CxHxW map"),
+    (["gap", "ln"], "layer 1 (ln) would normalise groups of a single value (input 1, 1 group); a group needs"),
+    (["conv:2:5", "gn:2"], "layer 1 (gn 2) would normalise groups of a single value (input 1x1x2, 2 groups)"),
+    (["sepconv:4:7"], "layer 0 (sepconv 4 7x7, valid) needs at least 7x7 input, got 5x5"),
+])
+def test_impossible_new_stacks(layers, fragment):
+    with pytest.raises(ConfigError) as info:
+        analyse(parse_layers(layers), (1, 5, 5))
+    assert fragment in str(info.value)

@@ -157,3 +157,59 @@ def test_bad_builder_settings():
         MODEL_LAYERS.check({**model, "init": "xavier"})
     with pytest.raises(ConfigError, match="bn_momentum"):
         MODEL_LAYERS.check({**model, "bn_momentum": 1.5})
+
+
+def test_keras_init_of_depthwise_and_separable_convs():
+    # Keras's DepthwiseConv2D kernel is (kh, kw, C, M): Glorot fans kh*kw*C and kh*kw*M.
+    net = build(analyse(parse_layers(["dwconv:3:m2", "sepconv:5:3:m3"]), (4, 9, 9)), init="keras")
+    for conv, (c, m) in [(net.dwconv0, (4, 2)), (net.sepconv1.depthwise, (8, 3))]:
+        limit = (6 / (9 * c + 9 * m)) ** 0.5
+        assert 0.9 * limit < conv.weight.abs().max() <= limit
+    limit = (6 / (24 + 5)) ** 0.5  # the pointwise kernel (1, 1, C*M, F)
+    assert 0.9 * limit < net.sepconv1.pointwise.weight.abs().max() <= limit
+    assert torch.count_nonzero(net.dwconv0.bias) == 0 and net.sepconv1.depthwise.bias is None
+
+
+def test_depthwise_output_order_is_keras_s():
+    # Keras: output channel c*M + m is input channel c convolved with kernel[..., c, m].
+    net = build(analyse(parse_layers(["dwconv:3:same:m2:nobias"]), (3, 5, 5)), init="torch").double()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    out = net(x)
+    for c in range(3):
+        for m in range(2):
+            w = net.dwconv0.weight[c * 2 + m: c * 2 + m + 1]  # (1, 1, 3, 3)
+            want = torch.nn.functional.conv2d(x[:, c:c + 1], w, padding=1)
+            torch.testing.assert_close(out[:, c * 2 + m: c * 2 + m + 1], want)
+
+
+def test_group_and_layer_norm_numerics():
+    net = build(analyse(parse_layers(["gn:2", "ln", "flatten", "ln"]), (4, 3, 5)), init="torch").double()
+    g = torch.Generator().manual_seed(0)
+    for m in (net.gn0, net.ln1, net.ln3):
+        torch.nn.init.uniform_(m.weight, 0.5, 2.0, generator=g)
+        torch.nn.init.uniform_(m.bias, -1.0, 1.0, generator=g)
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64, generator=g)
+
+    def norm(v, dims, eps=1e-3):  # Keras's epsilon; biased variance as Keras and torch
+        return (v - v.mean(dims, keepdim=True)) / (v.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+
+    per_channel = (1, -1, 1, 1)
+    gn = norm(x.view(2, 2, 2, 3, 5), (2, 3, 4)).view(2, 4, 3, 5)  # 2 groups of 2 channels
+    gn = gn * net.gn0.weight.view(per_channel) + net.gn0.bias.view(per_channel)
+    torch.testing.assert_close(net.gn0(x), gn)
+    ln = norm(gn, (1, 2, 3)) * net.ln1.weight.view(per_channel) + net.ln1.bias.view(per_channel)
+    torch.testing.assert_close(net.ln1(gn), ln)  # over (C, H, W) per sample, gamma/beta per channel
+    flat = ln.flatten(1)
+    layer_norm = torch.nn.functional.layer_norm(flat, (60,), net.ln3.weight, net.ln3.bias, eps=1e-3)
+    torch.testing.assert_close(net.ln3(flat), layer_norm)  # on features: exactly a LayerNorm
+
+
+def test_zero_pad_shortcut_is_option_a():
+    # res:8:s2:pad on 4 channels: the input subsampled at 0, 2, 4 ... plus 4 zero channels after.
+    net = build(analyse(parse_layers(["res:8:s2:pad:nobn:linear"]), (4, 6, 6)), init="torch").double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    block = net.res0
+    main = block.conv2(block.conv1(x))
+    want = main + torch.cat([x[:, :, ::2, ::2], torch.zeros(2, 4, 3, 3, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(net(x), want)
+    assert torch.equal(block.shortcut(x)[:, 4:], torch.zeros(2, 4, 3, 3, dtype=torch.float64))

@@ -11,10 +11,17 @@ from cnnlab.model.spec import (
     BatchNorm,
     Conv,
     Dense,
+    DepthwiseConv,
     Dropout,
     Flatten,
     GlobalAvgPool,
+    GlobalMaxPool,
+    GroupNorm,
+    LayerNorm,
     Pool,
+    Residual,
+    SeparableConv,
+    describe,
     parse_layers,
     parse_token,
     to_token,
@@ -33,11 +40,39 @@ def test_tokens_parse_to_keras_defaults():
         BatchNorm(), Flatten(), GlobalAvgPool(), Activation("tanh")]
 
 
+def test_new_tokens_parse_to_keras_defaults():
+    assert parse_token("dwconv:3") == DepthwiseConv((3, 3), (1, 1), "valid", 1, None, True)
+    assert parse_token("dwconv:5x3:s2:same:m2:relu:nobias") == DepthwiseConv((5, 3), (2, 2), "same", 2, "relu", False)
+    assert parse_token("sepconv:32:3") == SeparableConv(32, (3, 3), (1, 1), "valid", 1, None, True)
+    assert parse_token("sepconv:8:3:m4:same:tanh") == SeparableConv(8, (3, 3), (1, 1), "same", 4, "tanh", True)
+    assert parse_token("res:16") == Residual(16, (1, 1), "auto", True, "relu")
+    assert parse_token("res:32:s2:pad") == Residual(32, (2, 2), "pad", True, "relu")
+    assert parse_token("res:64:nobn:proj:s2x1:tanh") == Residual(64, (2, 1), "proj", False, "tanh")
+    assert [parse_token(t) for t in ("gn:4", "ln", "gmp")] == [GroupNorm(4), LayerNorm(), GlobalMaxPool()]
+
+
+ROUND_TRIPS = ["conv:8:5x3:s2x1:same:relu:nobias", "conv:6:5:valid", "maxpool:2:valid",
+               "avgpool:3:s1:same", "dense:10:softmax", "dropout:0.5", "bn", "gap", "relu",
+               "dwconv:3:valid", "dwconv:5x3:s2:same:m2:relu:nobias", "sepconv:16:3:same",
+               "sepconv:8:3x5:s1x2:valid:m3:tanh:nobias", "res:16", "res:32:s2:pad",
+               "res:32:s2x1:proj:nobn:tanh", "res:8:linear", "gn:4", "ln", "gmp"]
+
+
 def test_to_token_round_trips():
-    for token in ["conv:8:5x3:s2x1:same:relu:nobias", "conv:6:5:valid", "maxpool:2:valid",
-                  "avgpool:3:s1:same", "dense:10:softmax", "dropout:0.5", "bn", "gap", "relu"]:
+    for token in ROUND_TRIPS:
         assert to_token(parse_token(token)) == token
         assert parse_token(to_token(parse_token(token))) == parse_token(token)
+    # options in any order parse to the same spec and come back canonical
+    assert to_token(parse_token("res:32:nobn:pad:s2")) == "res:32:s2:pad:nobn"
+    assert to_token(parse_token("dwconv:3:relu:m2:same")) == "dwconv:3:same:m2:relu"
+    assert to_token(parse_token("res:16:relu")) == "res:16"  # relu is the block's default
+
+
+def test_describe_new_tokens():
+    assert [describe(parse_token(t)) for t in ROUND_TRIPS[9:]] == [
+        "dwconv 3x3, valid", "dwconv 5x3 s2, same, multiplier 2, relu, no bias", "sepconv 16 3x3, same",
+        "sepconv 8 3x5 s1x2, valid, multiplier 3, tanh, no bias", "res 16", "res 32 s2, zero-pad",
+        "res 32 s2x1, projection, no bn, tanh", "res 8, linear", "gn 4", "ln", "gmp"]
 
 
 def test_nested_lists_flatten():
@@ -62,6 +97,20 @@ def test_nested_lists_flatten():
     ("dropout:abc", "must be a number in [0, 1)"),
     ("dense:0", "units must be a positive integer, got 0"),
     ("bn:3", "'bn' takes no options"),
+    ("ln:2", "'ln' takes no options"),
+    ("gmp:2", "'gmp' takes no options"),
+    ("gn", "expected gn:GROUPS"),
+    ("gn:0", "groups must be a positive integer, got 0"),
+    ("dwconv", "expected dwconv:KERNEL"),
+    ("dwconv:3:m0", "depth multiplier must be a positive integer, got 0"),
+    ("dwconv:3:proj", "unknown option 'proj'; allowed: sN or sNxM (stride), same|valid, mN (depth multiplier)"),
+    ("conv:6:3:m2", "unknown option 'm2'"),
+    ("sepconv:8", "expected sepconv:FILTERS:KERNEL"),
+    ("res", "expected res:WIDTH"),
+    ("res:0", "width must be a positive integer, got 0"),
+    ("res:16:same", "unknown option 'same'; allowed: sN or sNxM (stride), proj|pad (shortcut), nobn"),
+    ("res:16:proj:pad", "shortcut given twice ('proj', 'pad')"),
+    ("res:16:nobias", "unknown option 'nobias'"),
 ])
 def test_bad_tokens_name_the_problem(token, fragment):
     with pytest.raises(ConfigError) as info:

@@ -401,3 +401,42 @@ def _model_groups() -> tuple[Group, Group]:
 
 
 MODEL_FAMILY, MODEL_LAYERS = _model_groups()
+
+# ------------------------------------------------------------------------------ the resnet group
+
+# He et al. 2016, section 4.2 (CIFAR-10): option A pads the identity with zeros where the shape
+# changes (the paper's CIFAR models), B projects there (1x1 conv + BN), C projects everywhere.
+SHORTCUT_OPTIONS = ("A", "B", "C")
+PAPER_DEPTHS = (20, 32, 44, 56, 110, 1202)  # 6n + 2 with n = 3, 5, 7, 9, 18, 200
+
+
+def _resnet_rules(cfg: Mapping[str, Any]) -> None:
+    depth, blocks, stages = cfg["depth"], cfg["blocks"], len(cfg["widths"])
+    if (depth is None) == (blocks is None):
+        raise ConfigError(f"model.depth={depth} and model.blocks={blocks}: set exactly one (the depth, or the "
+                          f"blocks per stage, e.g. model.blocks=[2,2,2] model.depth=null)")
+    if blocks is not None and len(blocks) != stages:
+        raise ConfigError(f"model.blocks must be one block count per stage ({stages} stages, one per width in "
+                          f"model.widths={list(cfg['widths'])}), got {list(blocks)}")
+    if depth is not None and (depth < 2 + 2 * stages or (depth - 2) % (2 * stages)):
+        per_block = 2 * stages
+        examples = ", ".join(str(2 + per_block * n) for n in (1, 2, 3, 5, 9))
+        paper = f"; He et al. 2016 uses {', '.join(map(str, PAPER_DEPTHS))}" if stages == 3 else ""
+        raise ConfigError(f"model.depth must be 2 + {per_block}n: a stem conv, {stages} stages of n blocks of 2 "
+                          f"convs, and the classifier ({examples} ...{paper}), got {depth}")
+
+
+MODEL_RESNET = Group("model", {
+    **MODEL_COMMON,
+    "depth": Field(lambda v: _is_int(v) and v >= 2, "null or an integer >= 2 (2 + 6n for 3 stages)",
+                   "weighted layers: the stem, 2 convs per block, the classifier", nullable=True),
+    "blocks": Field(lambda v: isinstance(v, (list, tuple)) and bool(v) and all(_is_int(b) and b >= 1 for b in v),
+                    "a list of positive integers, one per stage", "blocks per stage, instead of depth",
+                    nullable=True),
+    "widths": IntList("channels per stage; the stem has the first; later stages start with stride 2"),
+    "bn": Flag("BatchNorm after every conv (off: the convs get biases)"),
+    "stem_kernel": Int(1, "the stem conv's kernel (3 in the paper)"),
+    "dropout": Number(0.0, 1.0, doc="before the classifier; 0 = none"),
+    "shortcut": Choice(SHORTCUT_OPTIONS, "A: zero-pad identity | B: projection where the shape changes | "
+                       "C: projection everywhere"),
+}, rules=(_resnet_rules,))

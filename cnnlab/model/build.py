@@ -7,20 +7,50 @@ pixel bottom/right) pads explicitly. Max pooling pads with -inf so padding
 never wins; average pooling with `same` divides by the number of real pixels
 under each window, as TensorFlow does.
 
-Module names are `<kind><index>` (conv0, bn1, dense6...), so a weight's name
-in `weights.txt` points at its row in the summary.
+Module names are `<token name><index>` (conv0, bn1, dense6, res3.conv1...), so
+a weight's name in `weights.txt` points at its row in the summary.
+
+The layers beyond the chapter follow Keras where Keras has them:
+DepthwiseConv2D is a Conv2d with groups = C (output c*M + m comes from input
+channel c, Keras's order); SeparableConv2D is that depthwise conv without
+bias, then a 1x1 conv; GroupNormalization is nn.GroupNorm; LayerNorm on a map
+is GroupNorm(1, C) (see cnnlab.model.spec for how that differs from Keras's
+LayerNormalization default); norms use Keras's epsilon 1e-3. The residual
+block is He et al. 2016's basic block (ResidualBlock below).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.model.shapes import Analysis, LayerInfo
-from cnnlab.model.spec import Activation, BatchNorm, Conv, Dense, Dropout, Flatten, GlobalAvgPool, Pool
+from cnnlab.model.shapes import Analysis, LayerInfo, same_padding, shortcut_kind
+from cnnlab.model.spec import (
+    Activation,
+    BatchNorm,
+    Conv,
+    Dense,
+    DepthwiseConv,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    GlobalMaxPool,
+    GroupNorm,
+    LayerNorm,
+    LayerSpec,
+    Pool,
+    Residual,
+    SeparableConv,
+    to_token,
+)
+
+# Keras's GroupNormalization and LayerNormalization epsilon (torch's default is 1e-5).
+NORM_EPS = 1e-3
 
 
 def torch_pads(padding: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -78,6 +108,56 @@ class GlobalAvgPool2d(nn.Module):
         return x.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
 
 
+class GlobalMaxPool2d(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+
+
+class ZeroPadShortcut(nn.Module):
+    """He et al. 2016's option A: the identity subsampled by the stride, zero channels appended.
+
+    Subsampling keeps pixels 0, s, 2s ...: the pixels a 1x1 stride-s conv with Keras's `same`
+    padding (none for k=1) reads, as the paper's Torch code (a 1x1 average pool of stride s).
+    Each of `stack` copies (cnnlab.model.stacked) gets its own zero channels after its own.
+    """
+
+    def __init__(self, stride: tuple[int, int], in_channels: int, out_channels: int, stack: int = 1):
+        super().__init__()
+        self.stride, self.in_channels, self.out_channels, self.stack = stride, in_channels, out_channels, stack
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride[0], ::self.stride[1]]  # (B, S*C, H', W')
+        b, _, h, w = x.shape
+        extra = self.out_channels - self.in_channels
+        if extra == 0:
+            return x
+        x = x.reshape(b, self.stack, self.in_channels, h, w)
+        return F.pad(x, (0, 0, 0, 0, 0, extra)).view(b, self.stack * self.out_channels, h, w)  # (B, S*W, H', W')
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, {self.in_channels} -> {self.out_channels} channels, stack={self.stack}"
+
+
+class ResidualBlock(nn.Module):
+    """He et al. 2016's basic block: act(bn2(conv2(act(bn1(conv1(x))))) + shortcut(x)).
+
+    The modules are given (a lone network's here, a stacked one's in cnnlab.model.stacked),
+    so the two share this forward.
+    """
+
+    def __init__(self, conv1: nn.Module, bn1: nn.Module, act1: nn.Module, conv2: nn.Module,
+                 bn2: nn.Module, shortcut: nn.Module, act2: nn.Module):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = conv1, bn1, act1
+        self.conv2, self.bn2 = conv2, bn2
+        self.shortcut, self.act2 = shortcut, act2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act1(self.bn1(self.conv1(x)))  # (B, W, H', W')
+        y = self.bn2(self.conv2(y))
+        return self.act2(y + self.shortcut(x))
+
+
 def activation_module(name: str) -> nn.Module:
     return {
         "relu": nn.ReLU,
@@ -88,12 +168,60 @@ def activation_module(name: str) -> nn.Module:
     }[name]()
 
 
-def _conv(layer: LayerInfo, spec: Conv) -> nn.Module:
-    args = dict(in_channels=layer.input_shape[0], out_channels=spec.filters,
-                kernel_size=spec.kernel, stride=spec.stride, bias=spec.bias)
-    if is_symmetric(layer.padding):
-        return nn.Conv2d(**args, padding=(layer.padding[0], layer.padding[2]))
-    return PaddedConv2d(**args, pads=torch_pads(layer.padding))
+def conv2d(in_channels: int, out_channels: int, kernel: tuple[int, int], stride: tuple[int, int],
+           padding: tuple[int, int, int, int], bias: bool, groups: int = 1) -> nn.Conv2d:
+    """A Conv2d with Keras's padding (top, bottom, left, right): PyTorch's own when symmetric."""
+    args = dict(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel, stride=stride,
+                bias=bias, groups=groups)
+    if is_symmetric(padding):
+        return nn.Conv2d(**args, padding=(padding[0], padding[2]))
+    return PaddedConv2d(**args, pads=torch_pads(padding))  # TF's extra pixel bottom/right
+
+
+def norm_module(layer: LayerInfo, stack: int = 1) -> nn.GroupNorm:
+    """gn:G -> GroupNorm(G, C); ln -> GroupNorm(1, C). `stack` copies: S*G groups over S*C channels,
+    which is each copy's own normalisation, since groups are consecutive channels."""
+    groups = layer.spec.groups if isinstance(layer.spec, GroupNorm) else 1
+    return nn.GroupNorm(stack * groups, stack * layer.input_shape[0], eps=NORM_EPS)
+
+
+def residual_modules(layer: LayerInfo, spec: Residual, stack: int, bn: Callable[[int], nn.Module],
+                     act: Callable[[], nn.Module]) -> ResidualBlock:
+    """The basic block's modules for `stack` copies (1: a lone network): convs grouped by copy,
+    `bn(channels)` the BatchNorm over the stacked channels, `act()` the activation."""
+    cin, width, s = layer.input_shape[0], spec.filters, stack
+    bias = not spec.bn  # BN's beta makes a conv bias redundant (He et al. 2016, torchvision)
+
+    def norm() -> nn.Module:
+        return bn(s * width) if spec.bn else nn.Identity()
+
+    h, w = layer.output_shape[1:]
+    conv1 = conv2d(s * cin, s * width, (3, 3), spec.stride, layer.padding, bias, groups=s)
+    pads = (*same_padding(h, 3, 1), *same_padding(w, 3, 1))  # (1, 1, 1, 1)
+    conv2 = conv2d(s * width, s * width, (3, 3), (1, 1), pads, bias, groups=s)
+    kind = shortcut_kind(spec, cin)
+    if kind == "projection":  # 1x1 stride s: Keras's `same` pads nothing for k = 1
+        proj = conv2d(s * cin, s * width, (1, 1), spec.stride, (0, 0, 0, 0), bias, groups=s)
+        shortcut = nn.Sequential(OrderedDict([("conv", proj), ("bn", norm())]))
+    elif kind == "zero-pad":
+        shortcut = ZeroPadShortcut(spec.stride, cin, width, stack=s)
+    else:
+        shortcut = nn.Identity()
+    return ResidualBlock(conv1, norm(), act(), conv2, norm(), shortcut, act())
+
+
+def conv_module(layer: LayerInfo, spec: Conv | DepthwiseConv | SeparableConv, stack: int = 1) -> nn.Module:
+    """conv, dwconv and sepconv for `stack` copies (1: a lone network); grouped by copy."""
+    cin, s = layer.input_shape[0], stack
+    if isinstance(spec, Conv):
+        return conv2d(s * cin, s * spec.filters, spec.kernel, spec.stride, layer.padding, spec.bias, groups=s)
+    depth = cin * spec.multiplier
+    bias = spec.bias and isinstance(spec, DepthwiseConv)  # SeparableConv2D's bias is the pointwise one's
+    depthwise = conv2d(s * cin, s * depth, spec.kernel, spec.stride, layer.padding, bias, groups=s * cin)
+    if isinstance(spec, DepthwiseConv):
+        return depthwise
+    pointwise = nn.Conv2d(s * depth, s * spec.filters, 1, bias=spec.bias, groups=s)
+    return nn.Sequential(OrderedDict([("depthwise", depthwise), ("pointwise", pointwise)]))
 
 
 def pool_module(layer: LayerInfo, spec: Pool) -> nn.Module:
@@ -110,31 +238,51 @@ def pool_module(layer: LayerInfo, spec: Pool) -> nn.Module:
                            layer.input_shape[1:])
 
 
+def module_name(layer: LayerInfo) -> str:
+    """`<token name><index>`: conv0, maxpool3, res5, gn2 ..."""
+    return f"{to_token(layer.spec).split(':')[0]}{layer.index}"
+
+
 def _layer_modules(layer: LayerInfo, bn_momentum: float, bn_eps: float):
     """(name, module) pairs for one spec; a fused activation gets its own module."""
-    spec, name = layer.spec, f"{type(layer.spec).__name__.lower()}{layer.index}"
+    spec, name = layer.spec, module_name(layer)
+
+    def bn(channels: int) -> nn.Module:
+        # Keras's momentum m keeps m of the old statistic; PyTorch's keeps 1 - m.
+        return nn.BatchNorm2d(channels, eps=bn_eps, momentum=1 - bn_momentum)
+
     match spec:
-        case Conv():
-            yield f"conv{layer.index}", _conv(layer, spec)
+        case Conv() | DepthwiseConv() | SeparableConv():
+            yield name, conv_module(layer, spec)
+        case Residual():
+            yield name, residual_modules(layer, spec, 1, bn, lambda: activation_module(spec.activation))
         case Dense():
-            yield f"dense{layer.index}", nn.Linear(layer.input_shape[0], spec.units, bias=spec.bias)
+            yield name, nn.Linear(layer.input_shape[0], spec.units, bias=spec.bias)
         case Pool():
-            yield f"{spec.kind}pool{layer.index}", pool_module(layer, spec)
+            yield name, pool_module(layer, spec)
         case BatchNorm():
-            # Keras's momentum m keeps m of the old statistic; PyTorch's keeps 1 - m.
             cls = nn.BatchNorm2d if len(layer.input_shape) == 3 else nn.BatchNorm1d
-            yield f"bn{layer.index}", cls(layer.input_shape[0], eps=bn_eps, momentum=1 - bn_momentum)
+            yield name, cls(layer.input_shape[0], eps=bn_eps, momentum=1 - bn_momentum)
+        case GroupNorm() | LayerNorm():
+            yield name, norm_module(layer)
         case Activation():
-            yield f"{spec.name}{layer.index}", activation_module(spec.name)
+            yield name, activation_module(spec.name)
         case Dropout():
             yield name, nn.Dropout(spec.rate)
         case Flatten():
             yield name, nn.Flatten()
         case GlobalAvgPool():
-            yield f"gap{layer.index}", GlobalAvgPool2d()
+            yield name, GlobalAvgPool2d()
+        case GlobalMaxPool():
+            yield name, GlobalMaxPool2d()
     activation = getattr(spec, "activation", None)
-    if isinstance(spec, (Conv, Dense)) and activation:
+    if fused_activation(spec):
         yield f"{name}_{activation}", activation_module(activation)
+
+
+def fused_activation(spec: LayerSpec) -> bool:
+    """Does this layer carry its own activation module after it (conv:...:relu, dense:...:relu)?"""
+    return isinstance(spec, (Conv, DepthwiseConv, SeparableConv, Dense)) and bool(spec.activation)
 
 
 def ends_in_softmax(analysis: Analysis) -> bool:
@@ -144,9 +292,22 @@ def ends_in_softmax(analysis: Analysis) -> bool:
 
 
 def init_keras(module: nn.Module) -> None:
-    """Keras's defaults: Glorot-uniform kernels, zero biases (BN: gamma 1, beta 0, as torch)."""
+    """Keras's defaults: Glorot-uniform kernels, zero biases (BN, GN: gamma 1, beta 0, as torch)."""
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            # A lone network's only grouped conv is depthwise (groups = C). Keras's DepthwiseConv2D
+            # kernel is (kh, kw, C, M): fans kh*kw*C and kh*kw*M, where torch's xavier would read
+            # (C*M, 1, kh, kw) as fans kh*kw and kh*kw*C*M.
+            if m.groups != m.in_channels:
+                raise ValueError(f"Keras initialisation knows depthwise convs only, got groups={m.groups} "
+                                 f"over {m.in_channels} channels")
+            area = m.kernel_size[0] * m.kernel_size[1]
+            fan_in, fan_out = area * m.in_channels, area * m.out_channels // m.in_channels
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(m.weight)  # fans: k*k*in and k*k*out, as Keras
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -6,14 +6,26 @@ Everything here follows Keras (TensorFlow) semantics, as the chapter does:
 * `same` padding total = max((out - 1) * s + k - n, 0), split
   before = total // 2, after = total - before (the extra pixel goes bottom/right)
 * parameters counted as Keras counts them: BatchNorm's gamma and beta are
-  trainable, its moving mean and variance are non-trainable
-* MACs are multiply-accumulates of convolutions and dense layers only (bias
-  adds, BN, activations and pooling are not counted, which is also what
-  `torch.utils.flop_counter.FlopCounterMode` counts; FLOPs = 2 x MACs)
+  trainable, its moving mean and variance are non-trainable; GroupNorm and
+  LayerNorm have gamma and beta per channel (2C, trainable) and no moving
+  statistics; DepthwiseConv2D k*k*C*M (+ C*M bias); SeparableConv2D
+  k*k*C*M + C*M*F (+ F bias)
+* MACs are the multiply-accumulates of convolutions (depthwise, pointwise, a
+  residual block's two convs and its projection shortcut included) and dense
+  layers: for a conv, out_h * out_w * out_channels * k_h * k_w * in_channels /
+  groups. Not counted: bias adds, normalisation, activations, pooling, the
+  residual addition and zero padding. That is what
+  `torch.utils.flop_counter.FlopCounterMode` counts (convolution, mm, addmm,
+  bmm), with FLOPs = 2 x MACs
 * receptive field per axis: size r, jump j (input pixels between adjacent
   outputs) and start (centre of the first output's field, in input pixel
   coordinates where pixel 0 spans [0, 1)); r' = r + (k - 1) j, j' = j s,
-  start' = start + ((k - 1) / 2 - pad_before) j
+  start' = start + ((k - 1) / 2 - pad_before) j. A residual block's field is
+  its main path's (two 3x3 convs): the shortcut's 1x1 window lies inside the
+  first conv's. Like the usual definition (Araujo et al. 2019, "Computing
+  receptive fields of convolutional neural networks") it follows the sliding
+  windows only: normalisation statistics (BatchNorm in training, GroupNorm and
+  LayerNorm always) are taken over the whole map and count as per-pixel here.
 
 A stack that cannot run fails here, before any torch import or MLflow run,
 with one error naming the layer's index, the layer and the sizes.
@@ -32,12 +44,18 @@ from cnnlab.model.spec import (
     BatchNorm,
     Conv,
     Dense,
+    DepthwiseConv,
     Dropout,
     Flatten,
     GlobalAvgPool,
+    GlobalMaxPool,
+    GroupNorm,
+    LayerNorm,
     LayerSpec,
     Pair,
     Pool,
+    Residual,
+    SeparableConv,
     describe,
     to_token,
 )
@@ -123,7 +141,7 @@ class Analysis:
                 {
                     "index": layer.index,
                     "token": to_token(layer.spec),
-                    "layer": describe(layer.spec),
+                    "layer": layer_text(layer),
                     "input_shape": list(layer.input_shape),
                     "output_shape": list(layer.output_shape),
                     "padding": list(layer.padding),
@@ -162,25 +180,77 @@ def _fail(index: int, spec: LayerSpec, message: str) -> ConfigError:
     return ConfigError(f"layer {index} ({describe(spec)}) {message}")
 
 
-def _window(index: int, spec: Conv | Pool, shape: Shape, rf: ReceptiveField | None):
-    """Output (H, W), padding and receptive field of a sliding-window layer."""
-    if len(shape) != 3 or rf is None:
+def _need_map(index: int, spec: LayerSpec, shape: Shape) -> None:
+    if len(shape) != 3:
         raise _fail(index, spec, f"needs a CxHxW map, got a flat input of {shape[0]} features")
-    kernel = spec.kernel if isinstance(spec, Conv) else spec.size
+
+
+def _grow(rf: ReceptiveField, kernel: Pair, stride: Pair, pads: list[tuple[int, int]]) -> ReceptiveField:
+    """The field after one sliding window (kernel, stride, (before, after) padding per axis)."""
+    return ReceptiveField(
+        size=tuple(r + (k - 1) * j for r, k, j in zip(rf.size, kernel, rf.jump)),
+        jump=tuple(j * s for j, s in zip(rf.jump, stride)),
+        start=tuple(st + ((k - 1) / 2 - p[0]) * j for st, k, p, j in zip(rf.start, kernel, pads, rf.jump)),
+    )
+
+
+def _window(index: int, spec: LayerSpec, shape: Shape, rf: ReceptiveField | None,
+            kernel: Pair, stride: Pair, padding: str):
+    """Output (H, W), padding and receptive field of a sliding-window layer."""
+    _need_map(index, spec, shape)
     _, h, w = shape
-    if spec.padding == "valid" and (h < kernel[0] or w < kernel[1]):
+    if padding == "valid" and (h < kernel[0] or w < kernel[1]):
         raise _fail(index, spec,
                     f"needs at least {kernel[0]}x{kernel[1]} input, got {h}x{w}")
-    out = tuple(output_size(n, k, s, spec.padding) for n, k, s in zip((h, w), kernel, spec.stride))
-    pads = [same_padding(n, k, s) if spec.padding == "same" else (0, 0)
-            for n, k, s in zip((h, w), kernel, spec.stride)]
-    new_rf = ReceptiveField(
-        size=tuple(r + (k - 1) * j for r, k, j in zip(rf.size, kernel, rf.jump)),
-        jump=tuple(j * s for j, s in zip(rf.jump, spec.stride)),
-        start=tuple(st + ((k - 1) / 2 - p[0]) * j
-                    for st, k, p, j in zip(rf.start, kernel, pads, rf.jump)),
-    )
-    return out, (pads[0][0], pads[0][1], pads[1][0], pads[1][1]), new_rf
+    out = tuple(output_size(n, k, s, padding) for n, k, s in zip((h, w), kernel, stride))
+    pads = [same_padding(n, k, s) if padding == "same" else (0, 0)
+            for n, k, s in zip((h, w), kernel, stride)]
+    return out, (pads[0][0], pads[0][1], pads[1][0], pads[1][1]), _grow(rf, kernel, stride, pads)
+
+
+def shortcut_kind(spec: Residual, in_channels: int) -> str:
+    """A residual block's shortcut: "identity", "projection" or "zero-pad" (He et al. 2016's B and A).
+
+    By default identity when the block keeps the shape, else the projection; `proj` asks for the
+    projection always (option C where the shape is kept); `pad` for option A.
+    """
+    keeps_shape = spec.stride == (1, 1) and spec.filters == in_channels
+    if spec.shortcut == "proj" or (spec.shortcut == "auto" and not keeps_shape):
+        return "projection"
+    return "identity" if keeps_shape else "zero-pad"
+
+
+def layer_text(layer: LayerInfo) -> str:
+    """describe() plus what the input decides: a residual block's shortcut."""
+    if isinstance(layer.spec, Residual) and layer.spec.shortcut == "auto":
+        return f"{describe(layer.spec)}, {shortcut_kind(layer.spec, layer.input_shape[0])}"
+    return describe(layer.spec)
+
+
+def _residual(index: int, spec: Residual, shape: Shape, rf: ReceptiveField | None):
+    """Output shape, first conv's padding, field, (trainable, non-trainable) and MACs of a basic block.
+
+    Main path conv 3x3 stride s `same` -> BN -> act -> conv 3x3 `same` -> BN; convs carry a
+    bias only without BN (BN's beta makes it redundant, as in He et al. 2016 and torchvision).
+    """
+    (oh, ow), pads, rf1 = _window(index, spec, shape, rf, (3, 3), spec.stride, "same")
+    rf = _grow(rf1, (3, 3), (1, 1), [(1, 1), (1, 1)])  # 3x3 stride 1 same: one pixel each side
+    cin, width = shape[0], spec.filters
+    kind = shortcut_kind(spec, cin)
+    if kind == "zero-pad" and width < cin:
+        raise _fail(index, spec, f"cannot zero-pad {cin} input channels to {width}; use proj "
+                    "(or a width >= the input's channels)")
+    bias = 0 if spec.bn else width
+    trainable = 9 * cin * width + bias + 9 * width * width + bias
+    macs = oh * ow * width * 9 * (cin + width)
+    norms = 2
+    if kind == "projection":
+        trainable += cin * width + bias
+        macs += oh * ow * width * cin
+        norms += 1
+    if not spec.bn:
+        norms = 0
+    return (width, oh, ow), pads, rf, (trainable + 2 * width * norms, 2 * width * norms), macs
 
 
 def analyse(specs: list[LayerSpec], input_shape: Shape) -> Analysis:
@@ -196,14 +266,30 @@ def analyse(specs: list[LayerSpec], input_shape: Shape) -> Analysis:
         trainable = non_trainable = macs = 0
         match spec:
             case Conv():
-                (oh, ow), pads, rf = _window(index, spec, shape, rf)
+                (oh, ow), pads, rf = _window(index, spec, shape, rf, spec.kernel, spec.stride, spec.padding)
                 cin = shape[0]
                 kh, kw = spec.kernel
                 trainable = kh * kw * cin * spec.filters + (spec.filters if spec.bias else 0)
                 macs = oh * ow * spec.filters * kh * kw * cin
                 out: Shape = (spec.filters, oh, ow)
+            case DepthwiseConv():  # Keras DepthwiseConv2D: groups = C, C*M outputs
+                (oh, ow), pads, rf = _window(index, spec, shape, rf, spec.kernel, spec.stride, spec.padding)
+                depth = shape[0] * spec.multiplier
+                kh, kw = spec.kernel
+                trainable = kh * kw * depth + (depth if spec.bias else 0)
+                macs = oh * ow * depth * kh * kw
+                out = (depth, oh, ow)
+            case SeparableConv():  # Keras SeparableConv2D: depthwise (no bias), then pointwise 1x1
+                (oh, ow), pads, rf = _window(index, spec, shape, rf, spec.kernel, spec.stride, spec.padding)
+                depth = shape[0] * spec.multiplier
+                kh, kw = spec.kernel
+                trainable = kh * kw * depth + depth * spec.filters + (spec.filters if spec.bias else 0)
+                macs = oh * ow * depth * (kh * kw + spec.filters)
+                out = (spec.filters, oh, ow)
+            case Residual():
+                out, pads, rf, (trainable, non_trainable), macs = _residual(index, spec, shape, rf)
             case Pool():
-                (oh, ow), pads, rf = _window(index, spec, shape, rf)
+                (oh, ow), pads, rf = _window(index, spec, shape, rf, spec.size, spec.stride, spec.padding)
                 out = (shape[0], oh, ow)
             case Dense():
                 if len(shape) != 1:
@@ -216,15 +302,21 @@ def analyse(specs: list[LayerSpec], input_shape: Shape) -> Analysis:
                 channels = shape[0]
                 trainable, non_trainable = 2 * channels, 2 * channels
                 out = shape
+            case GroupNorm() | LayerNorm():
+                groups = spec.groups if isinstance(spec, GroupNorm) else 1
+                if shape[0] % groups:
+                    raise _fail(index, spec, f"needs channels divisible by its {groups} groups, "
+                                f"got {shape[0]} channels")
+                if math.prod(shape) // groups < 2:  # torch refuses; Keras would output beta alone
+                    raise _fail(index, spec, f"would normalise groups of a single value (input "
+                                f"{format_shape(shape)}, {groups} group{'s' * (groups > 1)}); "
+                                "a group needs at least 2")
+                trainable, out = 2 * shape[0], shape
             case Flatten():
-                if len(shape) != 3:
-                    raise _fail(index, spec, f"needs a CxHxW map, got a flat input of "
-                                f"{shape[0]} features")
+                _need_map(index, spec, shape)
                 out, rf = (math.prod(shape),), None
-            case GlobalAvgPool():
-                if len(shape) != 3:
-                    raise _fail(index, spec, f"needs a CxHxW map, got a flat input of "
-                                f"{shape[0]} features")
+            case GlobalAvgPool() | GlobalMaxPool():
+                _need_map(index, spec, shape)
                 out, rf = (shape[0],), None
             case Activation() | Dropout():
                 out = shape

@@ -6,10 +6,17 @@ plain network whose kernels are S times larger (DESIGN.md, "Stacking seeds
 without vmap"):
 
     conv(Cin -> Cout)   Conv2d(S*Cin, S*Cout, groups=S), the same TF 'same' padding as build()
+    dwconv (groups=C)   Conv2d(S*C, S*C*M, groups=S*C): still one group per input channel
+    sepconv             that depthwise conv, then the pointwise 1x1 with groups=S
+    res                 its convs (and projection) with groups=S, BatchNorm over S*W, the
+                        zero-pad shortcut padding each copy's channels after its own
     bn over C           BatchNorm over S*C: per-copy statistics, exactly
+    gn:G over C         GroupNorm(S*G, S*C): groups are consecutive channels, so group
+                        s*G + g is copy s's group g, with its own statistics, exactly
+    ln over C           GroupNorm(S, S*C) (ln is GroupNorm(1, C) in build()), exactly
     pooling, relu ...   per channel: build()'s own modules, unchanged
     dropout             per copy: exact (each copy's mask from its own generator) or fast
-    flatten, gap        keep each copy's features together: (B, S*C, H, W) -> (S, B, F)
+    flatten, gap, gmp   keep each copy's features together: (B, S*C, H, W) -> (S, B, F)
     dense(F -> U)       torch.baddbmm on (S, B, F) with weight (S, F, U)
 
 Two layouts flow through the network: maps are (B, S*C, H, W) (copy s owns
@@ -57,20 +64,39 @@ from torch import nn
 
 from cnnlab.errors import ConfigError
 from cnnlab.model.build import (
-    PaddedConv2d,
     activation_module,
     build,
+    conv_module,
     ends_in_softmax,
-    is_symmetric,
+    fused_activation,
+    module_name,
+    norm_module,
     pool_module,
-    torch_pads,
+    residual_modules,
 )
-from cnnlab.model.shapes import Analysis, LayerInfo
-from cnnlab.model.spec import Activation, BatchNorm, Conv, Dense, Dropout, Flatten, GlobalAvgPool, Pool, describe
+from cnnlab.model.shapes import Analysis, LayerInfo, shortcut_kind
+from cnnlab.model.spec import (
+    Activation,
+    BatchNorm,
+    Conv,
+    Dense,
+    DepthwiseConv,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    GlobalMaxPool,
+    GroupNorm,
+    LayerNorm,
+    Pool,
+    Residual,
+    SeparableConv,
+    describe,
+)
 
 DROPOUT_MODES = ("exact", "fast")
 # Layer kinds the stack supports: every kind of cnnlab.model.spec today.
-STACKABLE = (Conv, Dense, Pool, BatchNorm, Activation, Dropout, Flatten, GlobalAvgPool)
+STACKABLE = (Conv, DepthwiseConv, SeparableConv, Residual, Dense, Pool, BatchNorm, GroupNorm, LayerNorm,
+             Activation, Dropout, Flatten, GlobalAvgPool, GlobalMaxPool)
 # Optimizer state tensors per parameter tensor (sgd: its momentum buffer, absent when momentum=0).
 OPTIMIZER_STATE = {"adam": 2, "adamw": 2, "sgd": 1, "none": 0}
 
@@ -144,17 +170,17 @@ class CopyGenerators:
 # Stacked layers. S = copies, B = batch; maps (B, S*C, H, W), flat features (S, B, F).
 
 
-def _stacked_conv(layer: LayerInfo, spec: Conv, stack: int) -> nn.Conv2d:
-    """build()'s convolution with S groups: group s maps copy s's channels only."""
-    args = dict(in_channels=stack * layer.input_shape[0], out_channels=stack * spec.filters,
-                kernel_size=spec.kernel, stride=spec.stride, bias=spec.bias, groups=stack)
-    if is_symmetric(layer.padding):
-        return nn.Conv2d(**args, padding=(layer.padding[0], layer.padding[2]))
-    return PaddedConv2d(**args, pads=torch_pads(layer.padding))  # TF's extra pixel bottom/right
-
-
 class FlatBatchNorm(nn.BatchNorm1d):
     """BatchNorm1d over the S*F features of flat (S, B, F) input; copy s owns features s*F .. s*F+F-1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, b, f = x.shape
+        y = super().forward(x.transpose(0, 1).reshape(b, s * f))  # (B, S*F)
+        return y.view(b, s, f).transpose(0, 1)  # (S, B, F)
+
+
+class FlatGroupNorm(nn.GroupNorm):
+    """GroupNorm(S*G, S*F) over flat (S, B, F) input: copy s's F features are groups s*G .. s*G+G-1."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, f = x.shape
@@ -204,6 +230,18 @@ class StackedGlobalAvgPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.mean(dim=(2, 3))  # (B, S*C)
+        return pooled.view(pooled.shape[0], self.stack, -1).transpose(0, 1)  # (S, B, C)
+
+
+class StackedGlobalMaxPool(nn.Module):
+    """(B, S*C, H, W) -> (S, B, C): the max over each map, as build()'s GlobalMaxPool2d."""
+
+    def __init__(self, stack: int):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.amax(dim=(2, 3))  # (B, S*C)
         return pooled.view(pooled.shape[0], self.stack, -1).transpose(0, 1)  # (S, B, C)
 
 
@@ -369,30 +407,38 @@ class StackedNetwork(nn.Module):
 
     def _layer_modules(self, layer: LayerInfo, momentum: float, eps: float) -> Iterator[tuple[str, nn.Module]]:
         """(name, module) pairs with build()'s names (`_layer_modules` there)."""
-        spec, s = layer.spec, self.stack
-        name = f"{type(spec).__name__.lower()}{layer.index}"
+        spec, s, name = layer.spec, self.stack, module_name(layer)
         match spec:
-            case Conv():
-                yield f"conv{layer.index}", _stacked_conv(layer, spec, s)
+            case Conv() | DepthwiseConv() | SeparableConv():
+                yield name, conv_module(layer, spec, stack=s)  # grouped by copy (and by channel)
+            case Residual():
+                yield name, residual_modules(layer, spec, s, lambda c: nn.BatchNorm2d(c, eps=eps, momentum=momentum),
+                                             lambda: self.activation_module(spec.activation))
             case Dense():
-                self._leading |= {f"dense{layer.index}.weight", f"dense{layer.index}.bias"}
-                yield f"dense{layer.index}", StackedLinear(s, layer.input_shape[0], spec.units, spec.bias)
+                self._leading |= {f"{name}.weight", f"{name}.bias"}
+                yield name, StackedLinear(s, layer.input_shape[0], spec.units, spec.bias)
             case Pool():
-                yield f"{spec.kind}pool{layer.index}", pool_module(layer, spec)  # per channel: as built
+                yield name, pool_module(layer, spec)  # per channel: as built
             case BatchNorm():
                 cls = nn.BatchNorm2d if len(layer.input_shape) == 3 else FlatBatchNorm
-                yield f"bn{layer.index}", cls(s * layer.input_shape[0], eps=eps, momentum=momentum)
+                yield name, cls(s * layer.input_shape[0], eps=eps, momentum=momentum)
+            case GroupNorm() | LayerNorm():
+                norm = norm_module(layer, stack=s)  # GroupNorm(S*G, S*C)
+                if len(layer.input_shape) == 1:
+                    norm = FlatGroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps)
+                yield name, norm
             case Activation():
-                yield f"{spec.name}{layer.index}", self.activation_module(spec.name)
+                yield name, self.activation_module(spec.name)
             case Dropout():
                 yield name, StackedDropout(spec.rate, s, self.generators, self.dropout_mode)
             case Flatten():
                 yield name, StackedFlatten(s)
             case GlobalAvgPool():
-                yield f"gap{layer.index}", StackedGlobalAvgPool(s)
-        activation = getattr(spec, "activation", None)
-        if isinstance(spec, (Conv, Dense)) and activation:
-            yield f"{name}_{activation}", self.activation_module(activation)
+                yield name, StackedGlobalAvgPool(s)
+            case GlobalMaxPool():
+                yield name, StackedGlobalMaxPool(s)
+        if fused_activation(spec):
+            yield f"{name}_{spec.activation}", self.activation_module(spec.activation)
 
     def activation_module(self, name: str) -> nn.Module:
         return StackedSoftmax(self.stack) if name == "softmax" else activation_module(name)  # others: element-wise
@@ -604,11 +650,20 @@ class CopyGuard:
 
 
 def _activation_elements(analysis: Analysis) -> int:
-    """Elements of one sample's input and every module's output (a fused activation is its own module)."""
+    """Elements of one sample's input and every module's output (a fused activation is its own
+    module; a residual block's and a separable conv's inner tensors count too)."""
     total = math.prod(analysis.input_shape)
     for layer in analysis.layers:
-        outputs = 2 if isinstance(layer.spec, (Conv, Dense)) and layer.spec.activation else 1
-        total += outputs * math.prod(layer.output_shape)
+        spec, size = layer.spec, math.prod(layer.output_shape)
+        outputs = 2 if fused_activation(spec) else 1
+        if isinstance(spec, SeparableConv):  # the depthwise output
+            total += layer.input_shape[0] * spec.multiplier * math.prod(layer.output_shape[1:])
+        if isinstance(spec, Residual):
+            # conv1, act1, conv2, sum, act2; a BN after each conv; the shortcut's conv and BN or pad
+            kind = shortcut_kind(spec, layer.input_shape[0])
+            shortcut = {"projection": 2 if spec.bn else 1, "zero-pad": 1, "identity": 0}[kind]
+            outputs = 5 + (2 if spec.bn else 0) + shortcut
+        total += outputs * size
     return total
 
 

@@ -7,8 +7,7 @@ does; the JSON lists shapes as (C, H, W), PyTorch's layout.
 from __future__ import annotations
 
 from cnnlab.model.plan import ModelPlan
-from cnnlab.model.shapes import ReceptiveField, format_shape
-from cnnlab.model.spec import describe
+from cnnlab.model.shapes import ReceptiveField, format_shape, layer_text
 
 
 def _pair(values) -> str:
@@ -22,7 +21,7 @@ def _rf_text(rf: ReceptiveField | None) -> str:
 
 def summary_text(plan: ModelPlan) -> str:
     a = plan.analysis
-    rows = [(str(layer.index), describe(layer.spec), format_shape(layer.output_shape),
+    rows = [(str(layer.index), layer_text(layer), format_shape(layer.output_shape),
              f"{layer.params:,}", f"{layer.macs:,}", _rf_text(layer.rf)) for layer in a.layers]
     header = ("#", "Layer", "Output shape", "Params", "MACs", "RF /jump")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
