@@ -66,3 +66,64 @@ def test_bad_run_ids_are_clear(original, tmp_path):
     bare = client.create_run(client.create_experiment("bare")).info.run_id
     with pytest.raises(ConfigError, match="has no logged config"):
         reproduce(f"sqlite:///{runs}/mlflow.db", bare, tmp_path)
+
+
+def test_a_plain_reproduction_after_one_with_changes_compares_with_the_original(original):
+    runs, run = original
+    uri = f"sqlite:///{runs}/mlflow.db"
+    changed = reproduce(uri, run.info.run_id, runs, ["seed=8"])
+    plain = reproduce(uri, run.info.run_id, runs)
+    assert plain.identical, plain.text()
+    assert plain.new != changed.new
+    assert MlflowClient(tracking_uri=uri).get_run(plain.new).data.params["seed"] == "7"
+    # the history is compared epoch by epoch, not only the final values
+    assert any(key.startswith("val/loss epoch") for key, *_ in plain.verdicts)
+
+
+def test_two_originals_with_one_name_and_config_each_reproduce(tmp_path):
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    for root in ("a", "b"):
+        train(compose([*TINY, f"paths.runs={tmp_path / root}", f"tracking.uri={uri}"]))
+    client = MlflowClient(tracking_uri=uri)
+    ids = [r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+    assert len(ids) == 2 and len({client.get_run(i).info.run_name for i in ids}) == 1
+    results = [reproduce(uri, run_id, tmp_path / "c") for run_id in ids]
+    assert all(r.identical for r in results) and results[0].new != results[1].new
+
+
+def test_a_metric_missing_on_one_side_is_a_difference():
+    from cnnlab.results.reproduce import verdict
+
+    assert verdict(float("nan"), 0.5, 1.0).startswith("DIFFERS")
+    assert verdict(0.5, float("nan"), 1.0).startswith("DIFFERS")
+    assert verdict(0.5, 0.5 + 1e-9, 0.0) == "DIFFERS" and verdict(0.5, 0.505, 0.01) == "within tolerance"
+
+
+def test_off_the_cpu_the_tolerance_comes_from_the_seed_spread_or_is_relative(tmp_path):
+    import statistics
+
+    from cnnlab.results.reproduce import tolerances
+    from cnnlab.tracking.reader import Reader
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    eid = client.create_experiment("spread")
+    accs = [0.50, 0.54, 0.57]
+    ids = []
+    for seed, acc in enumerate(accs):
+        run = client.create_run(eid).info.run_id
+        client.log_param(run, "seed", str(seed))
+        client.log_param(run, "model.kernels", "[5]")
+        client.log_metric(run, "val/acc", acc)
+        client.log_metric(run, "val/loss", 1.0 + seed)
+        client.set_terminated(run)
+        ids.append(run)
+    reader = Reader(uri)
+    limits, how = tolerances(reader, reader.run(ids[0]), on_cpu=False, given=None)
+    assert limits["val/acc"] == pytest.approx(0.5 * statistics.stdev(accs)) and "seed-to-seed" in how
+    lone = client.create_run(client.create_experiment("lone")).info.run_id
+    client.log_metric(lone, "val/acc", 0.6)
+    client.log_metric(lone, "val/loss", 1.5)
+    limits, _ = tolerances(reader, reader.run(lone), on_cpu=False, given=None)
+    assert limits["val/acc"] == pytest.approx(0.006) and limits["val/loss"] == pytest.approx(0.03)
+    assert tolerances(reader, reader.run(lone), on_cpu=True, given=None)[0]["val/acc"] == 0

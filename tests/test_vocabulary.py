@@ -47,3 +47,7 @@ def test_the_schema_knows_every_key_the_yaml_files_define():
     top = OmegaConf.load(CONF_DIR / "train.yaml")
     assert {k for k in top if k not in ("defaults", "hydra")} == set(TOP) | set(GROUPS) - {
         "trainer", "optim", "data", "tracking"}
+    for path in (CONF_DIR / "experiment").glob("*.yaml"):  # presets set only keys the schema knows
+        preset = OmegaConf.to_container(OmegaConf.load(path))
+        for group in set(preset) & set(GROUPS):
+            assert set(preset[group]) <= set(GROUPS[group].fields), (path.name, group)

@@ -326,6 +326,12 @@ CHECKPOINT = Group("checkpoint", {
     "monitor": Choice(MONITORS, "the metric the best checkpoint follows (logged every epoch)"),
     "mode": Choice(("min", "max")),
     "save_last": Flag("last.ckpt after every epoch, which a rerun resumes from"),
+    "test": Choice(("last", "best"), "which weights test/* scores: the last epoch's or the best checkpoint's"),
+})
+
+ABLATION = Group("ablation", {
+    "question": Text("the question an experiment preset asks", nullable=True),
+    "control": Text("the reference variant, e.g. kernels=[5]", nullable=True),
 })
 
 PATHS = Group("paths", {key: Text(hint=" (a folder)") for key in ("runs", "data", "cache")})
@@ -341,7 +347,7 @@ MODEL_COMMON = {
 # The top level of train.yaml, groups included.
 TOP = {"seed": Field(lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
        "ckpt_path": Text(nullable=True, hint=" (a .ckpt file to resume from)")}
-GROUPS = {group.name: group for group in (TRAINER, OPTIM, DATA, TRACKING, CHECKPOINT, PATHS)}
+GROUPS = {group.name: group for group in (TRAINER, OPTIM, DATA, TRACKING, CHECKPOINT, PATHS, ABLATION)}
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:

@@ -59,7 +59,9 @@ def audit(overrides: list[str], runs: Path) -> dict:
     directories = []
     for name in RUN_NAMES:
         cfg = compose([*BUDGET, *overrides, *forced, f"tracking.run_name={name}"])
-        train(cfg)  # train() puts the process's deterministic-algorithms flag back afterwards
+        # Tagged: an audit run is a check, not a replicate (compare leaves it out). train() puts
+        # the process's deterministic-algorithms flag back afterwards.
+        train(cfg, tags={"audit": name})
         directories.append(run_directory(cfg, name))
     settings = {"trainer.deterministic": bool(cfg.trainer.deterministic),
                 "torch_threads": torch.get_num_threads(), "seed": int(cfg.seed),

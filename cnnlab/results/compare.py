@@ -316,10 +316,10 @@ def _warnings(result: Comparison, loaded: LoadedRuns, variant_knobs: dict, split
         if n < SMALL_N:
             warnings.append(f"{variant}: n = {n} seeds (< {SMALL_N}) with a value of {metric}; its interval "
                             f"is not trustworthy")
-    covered = set(loaded.swept) | {k.split(".")[0] for k in loaded.swept}
-    extra = [k for k in result.knobs if k not in covered and k.split(".")[0] not in covered]
+    # A knob is controlled when an override set it, or set its whole group (model=vgg).
+    extra = [k for k in result.knobs if k not in loaded.swept and k.split(".")[0] not in loaded.swept]
     if extra and loaded.swept:
-        warnings.append(f"variants also differ in {', '.join(extra)}, which no override set ("
+        warnings.append(f"variants also differ in {', '.join(extra)}, which no override set (overrides: "
                         f"{', '.join(loaded.swept)}); the comparison is not controlled")
     warnings += _same_network(runs, result.knobs, variant_knobs)
     if metric.startswith("val/") and not split:

@@ -104,7 +104,10 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
             })
             tracker.set_tags({"device": str(trainer.strategy.root_device)})
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-        trainer.test(module, datamodule=datamodule, verbose=False)
+        # checkpoint.test=best: score the checkpoint selected on validation, once (its weights are
+        # then the run's model); last: the weights after the last epoch, as the chapter does.
+        trainer.test(module, datamodule=datamodule, verbose=False, weights_only=True,
+                     ckpt_path="best" if cfg.checkpoint.test == "best" else None)
         if tracker:
             tracker.log_metrics({k: float(trainer.callback_metrics[k]) for k in TEST_METRICS},
                                 step=trainer.current_epoch)
