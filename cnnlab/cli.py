@@ -17,7 +17,7 @@ import sys
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab.errors import BAD_INPUT, FAILED, ConfigError, fail
+from cnnlab.errors import BAD_INPUT, FAILED, ConfigError, TrainingError, fail
 
 USAGE = """cnnlab <command> [options] [hydra overrides...]
 
@@ -28,6 +28,7 @@ commands:
   reproduce train a logged run's exact config again and compare every metric
   report    Markdown, HTML and LaTeX report of an ablation (experiment or sweep parent run)
   audit     train one config twice on a small budget; largest difference in metrics and weights
+  ablate    run a preset's variants in rounds of seeds until each comparison is decided
 """
 
 
@@ -227,8 +228,32 @@ def _audit(argv: list[str]) -> int:
     return 0 if result["verdict"] == "identical" else 1
 
 
+def _ablate(argv: list[str]) -> int:
+    from cnnlab.results.ablate import Settings, ablate
+
+    parser = argparse.ArgumentParser(prog="cnnlab ablate", description=(
+        "Run an experiment preset's variants in rounds of seeds until every comparison with the control "
+        "is decided (better, worse, or equivalent within --margin), with an error rate that holds "
+        "under this optional stopping; or until --max-seeds."))
+    parser.add_argument("experiment", help="an experiment preset (conf/experiment/NAME.yaml), e.g. rf")
+    parser.add_argument("--max-seeds", type=int, default=20, help="seeds per variant at most (default: 20)")
+    parser.add_argument("--margin", type=float, default=0.005,
+                        help="differences smaller than this do not matter, in the metric's units "
+                             "(default: 0.005 = half an accuracy point)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="family-wise error rate (default: 0.05)")
+    parser.add_argument("--round", type=int, default=2, dest="round_size",
+                        help="seeds per variant added each round (default: 2)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.subset=10000 "
+                                                     "hydra/launcher=joblib hydra.launcher.n_jobs=2")
+    args = parser.parse_intermixed_args(argv)  # options may come after the overrides
+    outcome = ablate(Settings(args.experiment, tuple(args.overrides), args.max_seeds, args.margin, args.alpha,
+                              args.round_size))
+    print(outcome.text())
+    return 0
+
+
 COMMANDS = {"summary": _summary, "train": _train, "compare": _compare, "reproduce": _reproduce,
-            "report": _report, "audit": _audit}
+            "report": _report, "audit": _audit, "ablate": _ablate}
 
 
 # Commands that train: started again once with glibc malloc settings (cnnlab/training/allocator.py).
@@ -249,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"unknown command '{command}'; allowed: {', '.join(COMMANDS)}", BAD_INPUT)
     try:
         return COMMANDS[command](rest)
-    except (ConfigError, HydraException, OmegaConfBaseException) as error:
-        return fail(error, BAD_INPUT)
+    except (ConfigError, TrainingError, HydraException, OmegaConfBaseException) as error:
+        return fail(error)  # bad input: status 2; a run that could not go on: status 1
 
 
 if __name__ == "__main__":

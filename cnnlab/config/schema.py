@@ -320,6 +320,7 @@ TRACKING = Group("tracking", {
     "timeout_s": Number(0.0, low_open=True, unit="seconds"),
     "outage_wait_s": Number(0.0, unit="seconds"),
     "require_server": Flag("refuse the embedded store"),
+    "parent": Text("a run id whose children a multirun's jobs become (cnnlab ablate)", nullable=True),
 }, rules=(_server_needs_uri,))
 
 CHECKPOINT = Group("checkpoint", {

@@ -54,6 +54,8 @@ class Comparison:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     used_runs: set[str] = field(default_factory=set)  # the runs whose values the statistics use
+    decisions: dict[str, str] = field(default_factory=dict)  # cnnlab ablate's, variant -> decision
+    error_rate: str = ""
 
     def pairs_text(self) -> list[str]:
         """One line per comparison: every figure stats decided to show, then its notes."""
@@ -87,8 +89,15 @@ class Comparison:
         out["s/epoch"] = [_num(v, 2) for v in t["s/epoch"]]
         return out
 
+    def decision_lines(self) -> list[str]:
+        """cnnlab ablate's decisions, with the error rate they hold at."""
+        if not self.decisions:
+            return []
+        shown = "; ".join(f"{variant}: {decision}" for variant, decision in self.decisions.items())
+        return [f"decisions (cnnlab ablate, against {self.reference}): {shown}; {self.error_rate}"]
+
     def lines(self) -> list[str]:
-        return [*self.pairs_text(), *self.notes, *(f"warning: {w}" for w in self.warnings)]
+        return [*self.decision_lines(), *self.pairs_text(), *self.notes, *(f"warning: {w}" for w in self.warnings)]
 
     def text(self) -> str:
         with pd.option_context("display.width", 250, "display.max_columns", 50, "display.max_colwidth", 80):
@@ -199,6 +208,7 @@ def compare(uri: str, experiment: str | None = None, parent: str | None = None, 
     values, duplicate_notes = replicates(runs, metric)
     result = Comparison(runs, pd.DataFrame(), knobs, metric, order)
     result.used_runs = _used_runs(runs, metric)
+    result.decisions, result.error_rate = loaded.decisions, loaded.error_rate
     result.table = _table(runs, order)
     result.table.insert(1, "n", result.table[f"{metric} n"])
     result.reference = _reference(order, values, variant_knobs, reference, loaded.control, result.warnings)

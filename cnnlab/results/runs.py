@@ -9,6 +9,7 @@ runs, not replicates, and are left out unless asked for.
 from __future__ import annotations
 
 import ast
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ class LoadedRuns:
     grid: dict[str, str] = field(default_factory=dict)  # a sweep's grid, key -> "a,b,c", in its own order
     control: str | None = None              # the variant the experiment's preset declares as its control
     checks_left_out: int = 0
+    decisions: dict[str, str] = field(default_factory=dict)  # from `cnnlab ablate`: variant -> decision
+    error_rate: str = ""                    # the error rate those decisions hold at, in words
 
 
 def _set_keys(tags: dict) -> set[str]:
@@ -50,12 +53,18 @@ def load_runs(uri: str, experiment: str | None = None, parent: str | None = None
         loaded.swept = [k for k in parent_run.data.tags.get("sweep.keys", "").split(",") if k]
         loaded.grid = {k[len("sweep.grid."):]: v for k, v in parent_run.data.params.items()
                        if k.startswith("sweep.grid.")}
+        parents = [parent_run]
     else:
         runs = [r for r in reader.search([reader.experiment_id(experiment)]) if r.data.tags.get("sweep") != "parent"]
         parents = [r for r in reader.search([reader.experiment_id(experiment)], "tags.sweep = 'parent'")]
-        for p in sorted(parents, key=lambda r: r.info.start_time):  # the newest sweep's order wins
+        parents = sorted(parents, key=lambda r: r.info.start_time)
+        for p in parents:  # the newest sweep's order wins
             loaded.grid.update({k[len("sweep.grid."):]: v for k, v in p.data.params.items()
                                 if k.startswith("sweep.grid.")})
+    ablations = [p for p in parents if "ablation.decisions" in p.data.tags]
+    if ablations:  # the newest ablation's decisions (cnnlab ablate)
+        loaded.decisions = json.loads(ablations[-1].data.tags["ablation.decisions"])
+        loaded.error_rate = ablations[-1].data.tags.get("ablation.error_rate", "")
     checks = [r for r in runs if any(t in r.data.tags for t in CHECK_TAGS)]
     if not include_checks:
         runs = [r for r in runs if r not in checks]

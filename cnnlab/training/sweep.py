@@ -92,12 +92,18 @@ class MlflowSweep(Callback):
     def _open_parent(self, config: DictConfig) -> None:
         if not config.tracking.enabled:
             return
+        from cnnlab.errors import ConfigError
         from cnnlab.tracking.provenance import provenance_tags
         from cnnlab.tracking.store import artifact_location
 
         tracker, runs = _tracker(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        if config.tracking.parent:  # a round of `cnnlab ablate`: its jobs join the ablation's parent
+            if not tracker.resume(config.tracking.parent):
+                raise ConfigError(f"tracking.parent={config.tracking.parent} is not a run in {tracker.uri}")
+            (sweep_dir / PARENT_FILE).write_text(config.tracking.parent)
+            return
         key = sweep_key(config)
         known = _parents(sweep_dir)
         if key in known and tracker.resume(known[key]):
@@ -123,7 +129,7 @@ class MlflowSweep(Callback):
         log.info("sweep parent MLflow run %s", tracker.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.tracking.enabled:
+        if not config.tracking.enabled or config.tracking.parent:  # a parent given is closed by its owner
             return
         from cnnlab.results.compare import compare, write_outputs
 
