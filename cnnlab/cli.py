@@ -104,18 +104,13 @@ def _compare(argv: list[str]) -> int:
 
     from cnnlab.results.compare import compare, write_outputs
 
-    parser = argparse.ArgumentParser(prog="cnnlab compare", description=(
-        "Group runs by the knobs that vary; mean, std and 95%% CI over seeds; paired tests."))
-    parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
-    _store_options(parser)
-    _comparison_options(parser)
+    parser = _comparison_parser("cnnlab compare", "Group runs by the knobs that vary; mean, std and 95%% CI "
+                                "over seeds; every variant against the reference, with cited statistics.")
     parser.add_argument("--format", default="text", choices=("text", "markdown", "csv", "latex"))
     parser.add_argument("--out", default=None, help="also write .txt/.md/.csv/.tex and plots here")
     args = parser.parse_args(argv)
     uri = _store(args)
-    is_run = _is_run_id(args.target)
-    result = compare(uri, parent=args.target if is_run else None,
-                     experiment=None if is_run else args.target, **_comparison_args(args))
+    result = compare(uri, **_comparison_args(args))
     print({"text": result.text, "markdown": result.markdown, "csv": result.csv,
            "latex": result.latex}[args.format]())
     if args.out:
@@ -123,10 +118,14 @@ def _compare(argv: list[str]) -> int:
     return 0
 
 
-def _comparison_options(parser: argparse.ArgumentParser) -> None:
+def _comparison_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """compare's and report's arguments: what to compare, where the store is, how."""
     from cnnlab.results.compare import DEFAULT_EFFECT
     from cnnlab.vocabulary import COMPARED_METRICS
 
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
+    _store_options(parser)
     parser.add_argument("--metric", default=None, choices=COMPARED_METRICS,
                         help="the compared metric (default: test/acc when every run held out a validation "
                              "split, else val/acc_best, with a warning)")
@@ -138,10 +137,13 @@ def _comparison_options(parser: argparse.ArgumentParser) -> None:
                         help="the difference to plan seeds for (default: %(default)s)")
     parser.add_argument("--include-checks", action="store_true",
                         help="also count runs made by reproduce and audit as replicates")
+    return parser
 
 
 def _comparison_args(args: argparse.Namespace) -> dict:
-    return {"metric": args.metric, "reference": args.reference, "all_pairs": args.all_pairs,
+    run = _is_run_id(args.target)
+    return {"parent": args.target if run else None, "experiment": None if run else args.target,
+            "metric": args.metric, "reference": args.reference, "all_pairs": args.all_pairs,
             "effect": args.effect, "include_checks": args.include_checks}
 
 
@@ -194,18 +196,13 @@ def _report(argv: list[str]) -> int:
     from cnnlab.config.compose import slug
     from cnnlab.results.report import write_report
 
-    parser = argparse.ArgumentParser(prog="cnnlab report", description=(
-        "A self-contained report of one ablation: question, architectures, results with "
-        "intervals and paired tests, curves, provenance; plus a LaTeX table."))
-    parser.add_argument("target", help="an MLflow experiment name, or a sweep's parent run id")
-    _store_options(parser)
-    _comparison_options(parser)
+    parser = _comparison_parser("cnnlab report", "A self-contained report of one ablation: question, "
+                                "architectures, results with intervals and tests, curves, provenance; "
+                                "plus a LaTeX table.")
     parser.add_argument("--out", default=None, help="default: <runs>/reports/<target>")
     args = parser.parse_args(argv)
-    run = _is_run_id(args.target)
     out = Path(args.out) if args.out else Path(args.runs) / "reports" / slug(args.target)
-    written = write_report(_store(args), experiment=None if run else args.target,
-                          parent=args.target if run else None, out=out, **_comparison_args(args))
+    written = write_report(_store(args), out=out, **_comparison_args(args))
     print("\n".join(str(path) for path in written.values()))
     return 0
 
