@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import sys
 
@@ -243,6 +244,8 @@ def _ablate(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.subset=10000 "
                                                      "hydra/launcher=joblib hydra.launcher.n_jobs=2")
     args = parser.parse_intermixed_args(argv)  # options may come after the overrides
+    # One line per round and look on stderr (the rounds' own jobs log through Hydra).
+    logging.basicConfig(level=logging.INFO, format="[ablate] %(message)s")
     outcome = ablate(Settings(args.experiment, tuple(args.overrides), args.max_seeds, args.margin, args.alpha,
                               args.round_size))
     print(outcome.text())

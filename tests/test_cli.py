@@ -30,7 +30,7 @@ def test_summary_json_carries_the_same_numbers(capsys):
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["model=resnet"], "Could not find 'model/resnet'"),
+    (["model=densenet"], "Could not find 'model/densenet'"),
     (["model=custom", "model.layers=[conv:6:5,flatten,dense:10,pool]"], "unknown layer 'pool'"),
     (["model=custom", "model.layers=[conv:0:5,flatten,dense:10]"], "filters must be a positive integer, got 0"),
     (["model=custom", "model.layers=[conv:6:5:s-1,flatten,dense:10]"], "unknown option 's-1'"),

@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from cnnlab.data.sources import TensorData
-from cnnlab.errors import ConfigError
+from cnnlab.data.sources import TensorData, check_split
 
 # Independent random streams derived from the run seed.
 _BATCHES, _SPLIT, _LOADER = 0, 1, 2
@@ -152,11 +151,7 @@ class TensorDataModule(L.LightningDataModule):
             train, val = (data.train_x, data.train_y), test
         else:
             n = len(data.train_x)
-            n_val = round(n * cfg["val_fraction"])
-            if not 1 <= n_val < n:
-                raise ConfigError(f"data.val_fraction={cfg['val_fraction']} of {n} training "
-                                  f"images leaves {n_val} for validation and {n - n_val} for "
-                                  "training; both need at least one")
+            n_val = check_split(n, cfg["val_fraction"], data.source)  # one rule for the split's size
             gen = torch.Generator().manual_seed(derive_seed(seed, _SPLIT))
             perm = torch.randperm(n, generator=gen)
             val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values

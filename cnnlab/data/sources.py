@@ -113,11 +113,11 @@ def load_dataset(cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> TensorDa
     return data
 
 
-def check_split(n: int, fraction: float, source: str) -> None:
+def check_split(n: int, fraction: float, source: str) -> int:
     """The held-out split must leave images on both sides. The DataModule that makes the split
     comes after the MLflow run is opened; this runs before it (from the config for synthetic
     data, else once the data is loaded)."""
-    n_val = round(n * fraction)  # the DataModule's rule
+    n_val = round(n * fraction)  # the validation images (TensorDataModule holds them out)
     if n < 2:
         raise ConfigError(f"data.validation=split needs at least 2 training images, {source} has "
                           f"{n}; use data.validation=test")
@@ -126,6 +126,7 @@ def check_split(n: int, fraction: float, source: str) -> None:
                           f"leaves {n_val} for validation and {n - n_val} for training; both need "
                           f"at least one: use a val_fraction in [{1 / n:.3g}, {1 - 1 / n:.3g}] "
                           f"or data.validation=test")
+    return n_val
 
 
 def _check_data(data: TensorData, shape: tuple[int, ...], num_classes: int) -> None:
