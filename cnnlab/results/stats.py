@@ -551,7 +551,7 @@ _FIGURES: tuple[tuple[str, Callable[[PairResult], str | None]], ...] = (
      lambda r: None if math.isnan(r.ci_low) else _interval_text(r.level, r.ci_low, r.ci_high)),
     ("p-value", lambda r: None if math.isnan(r.p_value) else p_text(r.p_value)),
     ("Holm-adjusted p",
-     lambda r: None if math.isnan(r.p_holm) else f"{p_text(r.p_holm)} (Holm over {r.holm_m} comparisons)"),
+     lambda r: None if math.isnan(r.p_holm) else f"{p_text(r.p_holm)} (Holm over {_plural(r.holm_m, 'comparison')})"),
     ("degrees of freedom",
      lambda r: f"{r.df:.2f}" if r.method == "Welch t-test" and not math.isnan(r.df) else None),
     ("sd of differences", lambda r: None if math.isnan(r.sd_diff) else f"{r.sd_diff:.4f}"),
