@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -318,6 +319,17 @@ CASES = [
     case("tracking-step-every-zero", ["tracking.step_every=0"], "tracking.step_every", "integer >= 1"),
     case("tracking-timeout-negative", ["tracking.timeout_s=-1"], "tracking.timeout_s", "> 0", "got -1"),
     case("tracking-enabled-not-a-bool", ["tracking.enabled=sometimes"], "tracking.enabled", "true or false"),
+    # names: a value echoed in the error line is escaped (one line, nothing reaches the terminal) and cut
+    case("tracking-experiment-newline", ["tracking.experiment='a\nb'"], "tracking.experiment",
+         "without control characters", r"got 'a\nb'"),
+    case("tracking-experiment-newline-unquoted", ["tracking.experiment=a\nb"], "cannot parse the override",
+         r"tracking.experiment=a\nb", r"character 21 ('\n')"),
+    case("tracking-run-name-ansi-escape", ["tracking.run_name='\x1b[2J\x1b[31mred'"], "tracking.run_name",
+         "without control characters", r"\x1b[2J\x1b[31mred"),
+    case("tracking-experiment-5000-characters", [f"tracking.experiment='{'é' * 5000}'"], "tracking.experiment",
+         "at most 500 characters", "(cut: 5002 characters)"),
+    case("tracking-experiment-5000-characters-unquoted", [f"tracking.experiment={'日' * 5000}"],
+         "cannot parse the override", "(cut: ", "character 20 ('日')"),
     # checkpoint
     case("checkpoint-monitor-unknown", ["checkpoint.monitor=val/accuracy"], "checkpoint.monitor",
          "val/loss, val/acc, val/acc_best", "'val/accuracy'"),
@@ -430,6 +442,7 @@ def test_bad_input_is_one_clear_error_and_no_run(bad: Case, tmp_path, capsys, mo
     assert lines, f"exit {code} with nothing on stderr"
     line = lines[-1]
     assert line.startswith("error: ") and len(line) < 500, err
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f]", line), line  # no control character reaches the terminal
     for word in bad.words:
         assert word in line, f"{word!r} not in {line!r}"
     assert code == (1 if bad.outcome == FAILED else 2), err

@@ -85,6 +85,17 @@ def Text(doc: str = "", nullable: bool = False, hint: str = "") -> Field:  # noq
                  f"{'null or ' if nullable else ''}a non-empty string{hint}", doc, nullable)
 
 
+def Name(max_len: int, doc: str = "", nullable: bool = False) -> Field:  # noqa: N802
+    """A name people read in MLflow and in logs: no control characters (a newline would split a log
+    line in two, an ANSI escape would reach the terminal), at most `max_len` characters."""
+    def accepts(v: Any) -> bool:
+        return (isinstance(v, str) and bool(v.strip()) and len(v) <= max_len
+                and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in v))
+
+    return Field(accepts, f"{'null or ' if nullable else ''}a non-empty string of at most {max_len} "
+                          f"characters without control characters", doc, nullable)
+
+
 def Path(doc: str = "") -> Field:  # noqa: N802
     return Field(lambda v: isinstance(v, str), "a path or null", doc, nullable=True)
 
@@ -312,8 +323,8 @@ TRACKING = Group("tracking", {
     # An empty MLFLOW_TRACKING_URI means unset, as null does.
     "uri": Field(lambda v: v == "" or (isinstance(v, str) and bool(v.strip())),
                  "null or a non-empty string (sqlite:///PATH, http://HOST:PORT, a database URI)", nullable=True),
-    "experiment": Text("the MLflow experiment"),
-    "run_name": Text(nullable=True),
+    "experiment": Name(500, "the MLflow experiment (MLflow keeps names of at most 500 characters)"),
+    "run_name": Name(500, nullable=True),
     "log_model": Flag("the final model in MLflow's pytorch flavour"),
     "step_metrics": Flag("also log train/loss every step_every steps"),
     "step_every": Int(1, unit="steps"),
