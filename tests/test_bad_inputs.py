@@ -348,6 +348,20 @@ CASES = [
     case("bad-interpolation", ["data.shape=${nope}"], "Interpolation key 'nope' not found", "data.shape"),
     case("unparsable-override", ["model.widths=[4"], "cannot parse the override 'model.widths=[4'"),
     case("sweep-syntax-without-multirun", ["seed=0,1"], "Ambiguous value", "--multirun"),
+    # overrides that would run code (tests/test_reliability.py shows that nothing ran)
+    case("override-target-in-a-dict-value", ["+hydra.callbacks.x={_target_:builtins.open,file:x,mode:w}"],
+         "changes hydra.callbacks, which runs code"),
+    case("override-target-in-a-dict-value-elsewhere", ["+model.extra={_target_:builtins.open,file:x,mode:w}"],
+         "sets a Hydra instantiation key"),
+    case("override-removes-a-callback", ["~hydra.callbacks.mlflow_sweep"], "changes hydra.callbacks"),
+    case("override-logging-handler", ["+hydra.job_logging.handlers.x={class:logging.FileHandler,filename:x}"],
+         "changes hydra.job_logging.handlers, which runs code"),
+    case("override-env-set-git-config", ["+hydra.job.env_set.GIT_CONFIG_COUNT=1"],
+         "environment variable GIT_CONFIG_COUNT", "only CUDA_VISIBLE_DEVICES, MKL_NUM_THREADS, OMP_NUM_THREADS"),
+    case("override-env-set-in-a-dict", ["hydra.job={env_set:{LD_PRELOAD:/tmp/x.so}}"],
+         "environment variable LD_PRELOAD"),
+    case("override-env-set-safe-name-odd-value", ["+hydra.job.env_set.OMP_NUM_THREADS='1; rm -rf x'"],
+         "environment variable OMP_NUM_THREADS"),
     # ckpt_path
     case("ckpt-missing", lambda tmp: [f"ckpt_path={tmp / 'gone.ckpt'}"], "gone.ckpt does not exist",
          "or null"),
@@ -463,7 +477,7 @@ def test_the_corpus_covers_every_config_group():
     assert len(ids) == len(set(ids)) >= 45
     for prefix in ("model-", "layers-", "data-", "folder-", "archive-", "optim-", "lr-", "epochs-",
                    "accelerator-", "tracking-", "checkpoint-", "seed-", "top-level-", "ckpt-", "runs-",
-                   "disk-full-"):
+                   "disk-full-", "override-"):
         assert any(i.startswith(prefix) for i in ids), prefix
     assert {param.values[0].outcome for param in CASES} == {NOTHING, NO_RUN, FAILED}
 

@@ -47,6 +47,71 @@ def test_overrides_that_would_import_objects_are_refused(tmp_path, override):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def _cnnlab(*args: str, cwd: Path | None = None, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnlab.cli", "train", *TINY, *args], capture_output=True,
+                          text=True, cwd=cwd, **popen)
+
+
+def test_env_set_cannot_make_git_run_a_command(tmp_path):
+    """hydra.job.env_set's GIT_CONFIG_* once made cnnlab's own `git status` (provenance tags) run
+    a command: core.fsmonitor names a program git starts. Refused before anything is written."""
+    marker = tmp_path / "pwned"
+    done = _cnnlab(f"paths.runs={tmp_path / 'runs'}", "trainer.max_epochs=1", "+hydra.job.env_set.GIT_CONFIG_COUNT=1",
+                   "+hydra.job.env_set.GIT_CONFIG_KEY_0=core.fsmonitor",
+                   f"+hydra.job.env_set.GIT_CONFIG_VALUE_0='touch {marker}; false'")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
+    assert "environment variable GIT_CONFIG_COUNT" in done.stderr
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_provenance_git_ignores_the_git_variables_of_the_environment(tmp_path, monkeypatch):
+    """Whatever the job's environment holds (a launcher's, a cluster's), cnnlab's git calls run with
+    no GIT_* variable, core.fsmonitor off and no hooks."""
+    from cnnlab.tracking.provenance import log_provenance, provenance_tags
+
+    marker = tmp_path / "pwned"
+    for name, value in {"GIT_CONFIG_COUNT": "2", "GIT_CONFIG_KEY_0": "core.fsmonitor",
+                        "GIT_CONFIG_VALUE_0": f"touch {marker}; false", "GIT_CONFIG_KEY_1": "diff.external",
+                        "GIT_CONFIG_VALUE_1": f"touch {marker}"}.items():
+        monkeypatch.setenv(name, value)
+
+    class Texts:
+        def log_text(self, text, name):
+            pass
+
+    tags = provenance_tags()
+    log_provenance(Texts())
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("override", [
+    "+hydra.callbacks.x={_target_:builtins.open,file:MARKER,mode:w}",
+    "hydra={callbacks:{x:{_target_:builtins.open,file:MARKER,mode:w}}}",
+    "+model.extra={_target_:builtins.open,file:MARKER,mode:w}",
+    "+hydra.job_logging.handlers.x={class:logging.FileHandler,filename:MARKER}",
+])
+def test_objects_in_an_override_value_are_refused_and_never_made(tmp_path, override, capsys, monkeypatch):
+    """The guard once looked only at keys: `_target_` inside a dict value got through, and Hydra
+    opened the file (for writing) as a 'callback'."""
+    from cnnlab.cli import main
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    code = main(["train", *TINY, f"paths.runs={tmp_path / 'runs'}", override.replace("MARKER", str(marker))])
+    assert code == 2 and capsys.readouterr().err.startswith("error: override ")
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_command_line_may_set_thread_counts_and_gpus_in_env_set():
+    from cnnlab.training.checks import refuse_object_overrides
+
+    refuse_object_overrides(["+hydra.job.env_set.OMP_NUM_THREADS=2", "+hydra.job.env_set.MKL_NUM_THREADS=2",
+                             "+hydra.job.env_set.CUDA_VISIBLE_DEVICES='0,1'", "hydra.job.env_set={}",
+                             "tracking.run_name=my_target_run", "hydra/launcher=joblib"])
+
+
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/absolute-escape", ".."])
 def test_experiment_and_run_names_stay_inside_the_runs_root(tmp_path, name):
     runs = tmp_path / "runs"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -87,16 +88,84 @@ def check_writable(folder: Path, key: str) -> None:
 # object (hydra.callbacks are instantiated before cnnlab's code runs). cnnlab chooses objects by
 # short names looked up in its own registries, so no command line needs them.
 INSTANTIATION_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+# Hydra settings that run code or shell commands: callbacks (instantiated), logging handlers,
+# formatters and filters (logging.config imports and calls their `class` and `()`), submitit's
+# `setup` lines (shell commands in the sbatch script) and Ray's runtime_env (environment variables,
+# setup hooks, packages to install). They belong in config files under conf/, never on the
+# command line.
+CODE_KEYS = ("hydra.callbacks", "hydra.launcher.setup", "hydra.launcher.ray.init.runtime_env",
+             *(f"hydra.{log}.{part}" for log in ("job_logging", "hydra_logging")
+               for part in ("handlers", "formatters", "filters")))
+# hydra.job.env_set sets environment variables in the job's process, which every program it starts
+# inherits: GIT_CONFIG_* made cnnlab's own `git status` run a command, LD_PRELOAD or PYTHONPATH
+# would load code. The command line may set only these, to values of this form.
+ENV_SET = "hydra.job.env_set"
+SAFE_ENV = {"CUDA_VISIBLE_DEVICES": r"[A-Za-z0-9,-]*",  # GPU indices or UUIDs (GPU-..., MIG-...)
+            "OMP_NUM_THREADS": r"[1-9][0-9]{0,3}", "MKL_NUM_THREADS": r"[1-9][0-9]{0,3}"}
+
+
+def _assignments(arg: str) -> list[tuple[str, object]] | None:
+    """Every (dotted key, value) an override sets, a dict value's nested keys included
+    (`hydra.job={env_set:{A:1}}` sets hydra.job.env_set.A); None if Hydra cannot parse it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        (override,) = OverridesParser.create().parse_overrides([arg])
+    except OverrideParseException:
+        return None
+    found: list[tuple[str, object]] = []
+
+    def walk(key: str, value: object) -> None:
+        found.append((key, value))
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{key}.{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(key, v)
+        elif isinstance(getattr(value, "list", None), list):  # a sweep: choice(...), a,b
+            for v in value.list:
+                walk(key, v)
+
+    key = override.key_or_group.replace("/", ".")
+    walk(f"{key}.{override.package}" if override.package else key, override.value())
+    return found
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
 
 
 def refuse_object_overrides(argv: list[str]) -> None:
-    """No override may set an instantiation key: Hydra would import and call what it names."""
+    """No override may make Hydra import or call objects, run commands, or set environment
+    variables other than SAFE_ENV's: not by its key, nor by keys inside a dict value."""
     for arg in argv:
-        key = arg.split("=", 1)[0]
-        if any(k in key for k in INSTANTIATION_KEYS):
-            raise ConfigError(f"override '{arg}' sets a Hydra instantiation key; cnnlab does not let "
-                              f"the command line import or call objects. Choose by name instead "
-                              f"(optim.name=adam, model=vgg, hydra/launcher=joblib)")
+        if arg.startswith("-"):
+            continue  # Hydra's own flags (-m, --cfg job); their values parse as nothing below
+        found = _assignments(arg)
+        if found is None:  # unparsable: Hydra refuses it too; judge the text alone
+            found = [(arg, None)]
+        for key, value in found:
+            parts = set(key.lstrip("+~").split("."))
+            if parts & set(INSTANTIATION_KEYS) or (value is None and any(k in arg for k in INSTANTIATION_KEYS)):
+                raise ConfigError(f"override '{arg}' sets a Hydra instantiation key; cnnlab does not let "
+                                  f"the command line import or call objects. Choose by name instead "
+                                  f"(optim.name=adam, model=vgg, hydra/launcher=joblib)")
+            key = key.lstrip("+~")
+            code = next((prefix for prefix in CODE_KEYS if _under(key, prefix)), None)
+            if code:
+                raise ConfigError(f"override '{arg}' changes {code}, which runs code; cnnlab does not let the "
+                                  f"command line do that: put it in a config file under conf/")
+            leaf = not isinstance(value, (dict, list, tuple)) and not hasattr(value, "list")
+            if _under(key, ENV_SET) and key != ENV_SET and leaf:
+                name = key[len(ENV_SET) + 1:]
+                pattern = SAFE_ENV.get(name)
+                if pattern is None or not re.fullmatch(pattern, str(value)):
+                    raise ConfigError(
+                        f"override '{arg}' sets the environment variable {name} for the job; the command "
+                        f"line may set only {', '.join(sorted(SAFE_ENV))} (thread counts, GPU indices): "
+                        f"others (GIT_CONFIG_*, LD_PRELOAD, PYTHONPATH ...) can make programs run code")
 
 
 def preflight(argv: list[str]) -> None:
