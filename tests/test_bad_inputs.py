@@ -155,6 +155,30 @@ def closed_port(tmp: Path) -> list[str]:
     return [f"tracking.uri=http://127.0.0.1:{port}", "tracking.timeout_s=3"]
 
 
+def not_mlflow_server(tmp: Path) -> list[str]:
+    """A web server on 127.0.0.1 that answers /health with 200 and is not MLflow (it serves files)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp / "site").mkdir()
+    (tmp / "site" / "health").write_text("OK")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp / "site")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()  # ends with the test process
+    return [f"tracking.uri=http://127.0.0.1:{server.server_address[1]}", "tracking.timeout_s=3"]
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def runs_under_a_file(tmp: Path) -> list[str]:
     (tmp / "file").write_text("a regular file, not a folder")
     return [f"paths.runs={tmp / 'file' / 'runs'}"]
@@ -316,6 +340,20 @@ CASES = [
          "http://HOST:PORT"),
     case("tracking-server-unreachable", closed_port, "did not answer within 3 s", "tracking.uri=null"),
     case("tracking-experiment-empty", ["tracking.experiment="], "tracking.experiment", "non-empty string"),
+    case("tracking-uri-in-memory", ["tracking.uri=sqlite:///:memory:"], "'sqlite:///:memory:' is an in-memory store",
+         "keep nothing", "sqlite:///PATH/mlflow.db"),
+    case("tracking-uri-sqlite-without-slashes", ["tracking.uri=sqlite:"], "'sqlite:' is not a SQLite file URI",
+         "sqlite:///relative/path.db"),
+    case("tracking-uri-file-store", lambda tmp: [f"tracking.uri={(tmp / 'store').as_uri()}"], "is a folder",
+         "MLflow's file store", "sqlite:///PATH/mlflow.db"),
+    case("tracking-uri-relative-path", ["tracking.uri=mlruns"], "'mlruns' is a folder", "MLFLOW_ALLOW_FILE_STORE"),
+    case("tracking-uri-databricks", ["tracking.uri=databricks"], "does not support Databricks",
+         "sqlite:///PATH/mlflow.db"),
+    case("tracking-uri-postgresql-without-driver", ["tracking.uri=postgresql://u:secret@127.0.0.1:1/db"],
+         "postgresql://u:***@127.0.0.1:1/db", "needs the database driver", "pip install",
+         marks=pytest.mark.skipif(_importable("psycopg") or _importable("psycopg2"), reason="a driver is installed")),
+    case("tracking-uri-not-mlflow", not_mlflow_server, "answers /health but is not an MLflow tracking server",
+         "HTTP 404", "check the host and port"),
     case("tracking-step-every-zero", ["tracking.step_every=0"], "tracking.step_every", "integer >= 1"),
     case("tracking-timeout-negative", ["tracking.timeout_s=-1"], "tracking.timeout_s", "> 0", "got -1"),
     case("tracking-enabled-not-a-bool", ["tracking.enabled=sometimes"], "tracking.enabled", "true or false"),
