@@ -125,6 +125,28 @@ def test_experiment_and_run_names_stay_inside_the_runs_root(tmp_path, name):
     assert not Path("/tmp/absolute-escape").exists()
 
 
+def test_two_experiment_names_never_share_a_run_directory(tmp_path):
+    """`a/b` and `a_b` were both the folder `a_b`: the second command found the first's finished
+    run there and trained nothing. A name the slug changes now gets a short hash of itself."""
+    import re
+
+    from cnnlab.config.compose import slug
+
+    names = ["a/b", "a_b", "a:b", "a b", "a\nb", "../a_b", ".a_b", "", "x" * 200, "x" * 201, "é" * 5000]
+    slugs = [slug(name) for name in names]
+    assert len(set(slugs)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9_=,+-][A-Za-z0-9._=,+-]{0,119}", s) for s in slugs), slugs
+    assert slugs[:2] == [f"a_b-{slugs[0][-8:]}", "a_b"]  # readable: the name, then the hash
+
+    runs = tmp_path / "runs"
+    for name in ("a/b", "a_b"):
+        train(compose([*TINY, f"paths.runs={runs}", "trainer.max_epochs=1", f"tracking.experiment={name}"]))
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs}/mlflow.db")
+    found = {name: client.search_runs([client.get_experiment_by_name(name).experiment_id]) for name in ("a/b", "a_b")}
+    assert [len(found[name]) for name in found] == [1, 1]
+    assert found["a/b"][0].data.tags["run_dir"] != found["a_b"][0].data.tags["run_dir"]
+
+
 def _train_command(runs: Path) -> list[str]:
     return [sys.executable, "-m", "cnnlab.cli", "train", *TINY, f"paths.runs={runs}", "trainer.max_epochs=4",
             "data.n_train=2048", "trainer.deterministic=true", "seed=5"]
