@@ -334,6 +334,11 @@ CASES = [
          "true, false or warn"),
     case("limit-batches-zero", ["trainer.limit_train_batches=0"], "trainer.limit_train_batches",
          "a batch count >= 1 or a fraction in (0, 1]"),
+    case("limit-batches-fraction-of-no-batch", ["trainer.limit_train_batches=1e-6"],
+         "trainer.limit_train_batches=1e-06 of the 8 train batches", "no batch at all", "at least 0.125",
+         outcome=NO_RUN),
+    case("limit-val-batches-fraction-of-no-batch", ["trainer.limit_val_batches=0.5", "data.eval_batch_size=64"],
+         "trainer.limit_val_batches=0.5 of the 1 val batches", outcome=NO_RUN),
     case("trainer-unknown-key", ["+trainer.max_epoch=3"], "unknown key 'trainer.max_epoch'", "max_epochs"),
     # tracking
     case("tracking-uri-scheme", ["tracking.uri=ftp://host/store"], "scheme 'ftp'", "sqlite:///PATH",
@@ -378,6 +383,8 @@ CASES = [
     case("seed-text", ["seed=abc"], "seed", "integer in [0, 2**32)", "'abc'"),
     case("seed-negative", ["seed=-1"], "seed", "integer in [0, 2**32)", "got -1"),
     case("seed-fraction", ["seed=1.5"], "seed", "integer in [0, 2**32)", "got 1.5"),
+    case("seed-2-to-the-32", ["seed=4294967296"], "seed", "integer in [0, 2**32)", "got 4294967296"),
+    case("seed-2-to-the-64", [f"seed={2**64}"], "seed", "integer in [0, 2**32)", f"got {2**64}"),
     # the config as a whole
     case("top-level-unknown-key", ["epochs=3"], "no top-level key 'epochs'", "allowed: checkpoint",
          own_process=True),

@@ -8,6 +8,7 @@ anything) and the Hydra job itself compose the same config, and the second check
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -68,6 +69,23 @@ def check_accelerator(trainer: Mapping[str, Any]) -> None:
     if count is not None and wanted is not None and wanted > count:
         raise ConfigError(f"trainer.devices={devices!r} asks for more {accelerator} devices than the "
                           f"{count} this machine has; use at most {count}, -1 (all) or auto")
+
+
+def check_batch_limits(trainer: Mapping[str, Any], data: Mapping[str, Any], n_train: int, n_test: int) -> None:
+    """A fraction in trainer.limit_*_batches that leaves no batch of this data: Lightning found that
+    out only inside fit(), after the MLflow run existed (MisconfigurationException). Needs the data's
+    size, so it runs once the data has loaded, before the run is opened."""
+    n_val = round(n_train * data["val_fraction"]) if data["validation"] == "split" else n_test
+    if data["validation"] == "split":
+        n_train -= n_val
+    for stage, images, batch in (("train", n_train, data["batch_size"]), ("val", n_val, data["eval_batch_size"]),
+                                 ("test", n_test, data["eval_batch_size"])):
+        limit = trainer[f"limit_{stage}_batches"]
+        batches = math.ceil(images / batch)
+        if isinstance(limit, float) and 0 < limit and int(batches * limit) == 0:
+            raise ConfigError(f"trainer.limit_{stage}_batches={limit:g} of the {batches} {stage} batches "
+                              f"({images} images, batch size {batch}) is no batch at all; use a fraction of at "
+                              f"least {1 / batches:.3g}, or a batch count (an integer >= 1)")
 
 
 def check_writable(folder: Path, key: str) -> None:

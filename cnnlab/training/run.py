@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.config.compose import config_hash, container, flatten
-from cnnlab.training.checks import checked
+from cnnlab.training.checks import check_batch_limits, checked
 from cnnlab.training.naming import overrides, run_directory, run_name, sweep_tags
 from cnnlab.vocabulary import TEST_METRICS
 
@@ -28,6 +28,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
 
     runs = Path(cfg.paths.runs).resolve()
     data = load_dataset(data_cfg, Path(cfg.paths.cache), cfg.seed)
+    check_batch_limits(cfg.trainer, data_cfg, len(data.train_x), len(data.test_x))  # needs the data's size
 
     import lightning as L
     import torch
