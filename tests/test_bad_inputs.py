@@ -148,6 +148,38 @@ def another_models_checkpoint(tmp: Path) -> list[str]:
     return [f"ckpt_path={path}"]
 
 
+def tiny_checkpoint(edit: Callable[[dict], object]) -> Callable[[Path], list[str]]:
+    """A checkpoint of TINY's network as Lightning lays one out, changed by `edit` (which may
+    also return something else to save instead)."""
+    def make(tmp: Path) -> list[str]:
+        import torch
+
+        from cnnlab.config.compose import compose
+        from cnnlab.model.build import build
+        from cnnlab.model.plan import model_plan
+
+        network = build(model_plan(compose(TINY)).analysis, "keras", 0.99, 1e-3, logits=True)
+        state = {"epoch": 0, "global_step": 8, "pytorch-lightning_version": "2.6.0", "loops": {},
+                 "optimizer_states": [], "lr_schedulers": [], "callbacks": {},
+                 "state_dict": {f"network.{k}": v for k, v in network.state_dict().items()}}
+        saved = edit(state)
+        path = tmp / "given.ckpt"
+        torch.save(state if saved is None else saved, path)
+        return [f"ckpt_path={path}"]
+
+    return make
+
+
+def _nan_weights(state: dict) -> None:
+    state["state_dict"]["network.conv0.weight"][0, 0, 0, 0] = float("nan")
+
+
+def _extra_tensor(state: dict) -> None:
+    import torch
+
+    state["state_dict"]["extra.weight"] = torch.zeros(3)  # outside the network: Lightning's strict load fails
+
+
 def closed_port(tmp: Path) -> list[str]:
     with socket.socket() as s:  # a port nothing listens on once this socket is closed
         s.bind(("127.0.0.1", 0))
@@ -415,6 +447,18 @@ CASES = [
          "a .ckpt written by cnnlab train"),
     case("ckpt-of-another-model", another_models_checkpoint, "other.ckpt holds another network",
          "network.conv0.weight is [16, 3, 3, 3] there but [4, 3, 5, 5]"),
+    case("ckpt-bare-state-dict", tiny_checkpoint(lambda s: {k[8:]: v for k, v in s["state_dict"].items()}),
+         "given.ckpt is a bare state dict", "conv0.weight", "not a training checkpoint"),
+    case("ckpt-weights-and-epoch-only", tiny_checkpoint(lambda s: {"state_dict": s["state_dict"], "epoch": 0}),
+         "holds weights but no pytorch-lightning_version", "not a checkpoint Lightning's Trainer wrote"),
+    case("ckpt-extra-state-key", tiny_checkpoint(_extra_tensor), "holds another network",
+         "extra.weight is [3] there but absent"),
+    case("ckpt-huge-epoch", tiny_checkpoint(lambda s: s.update(epoch=10**12)), "says epoch 1000000000000",
+         "integers in [0, 2**31)"),
+    case("ckpt-epoch-is-text", tiny_checkpoint(lambda s: s.update(epoch="ten")), "says epoch 'ten'"),
+    case("ckpt-more-epochs-than-asked", tiny_checkpoint(lambda s: s.update(epoch=5)),
+         "has trained 6 epochs, more than trainer.max_epochs=1", "at least 6"),
+    case("ckpt-nan-weights", tiny_checkpoint(_nan_weights), "non-finite weights (nan in network.conv0.weight)"),
     # the output folder
     case("runs-under-a-file", runs_under_a_file, "is not a folder cnnlab can write to", "Not a directory",
          own_process=True),

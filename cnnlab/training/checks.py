@@ -40,7 +40,7 @@ def checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
         if cfg.ckpt_path:  # a garbage file or another model's checkpoint would fail inside fit()
             from cnnlab.training.resume import check_checkpoint
 
-            check_checkpoint(Path(cfg.ckpt_path), plan, resolved["model"])
+            check_checkpoint(Path(cfg.ckpt_path), plan, resolved["model"], resolved["trainer"]["max_epochs"])
         _CHECKED[key] = plan
     return _CHECKED[key], resolved["data"]
 

@@ -72,9 +72,16 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
     return last if last.is_file() else None
 
 
-def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any]) -> None:
-    """ckpt_path must be a Lightning checkpoint of this very network: a garbage file or another
-    model's checkpoint would otherwise fail inside Lightning, after the MLflow run exists."""
+MAX_EPOCH = 2**31  # an epoch index beyond this is no training cnnlab did; Lightning stores it as given
+
+# What a checkpoint Lightning's Trainer wrote holds besides the weights; a resume needs all of it.
+TRAINER_KEYS = ("pytorch-lightning_version", "global_step", "loops", "optimizer_states")
+
+
+def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any], max_epochs: int | None = None) -> None:
+    """ckpt_path must be a Lightning checkpoint of this very network: a garbage file, another
+    model's checkpoint, a bare state dict, extra or non-finite tensors or an impossible epoch would
+    otherwise fail inside Lightning (or train on NaN weights), after the MLflow run exists."""
     import torch
 
     from cnnlab.model.build import build
@@ -88,6 +95,10 @@ def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any]) -> N
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"ckpt_path={path} is not a readable checkpoint ({reason[:200]}); give a "
                           f".ckpt written by cnnlab train") from None
+    resume = "cnnlab resumes from a .ckpt written by cnnlab train (weights, optimizer and loop state)"
+    if isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"ckpt_path={path} is a bare state dict ({len(state)} tensors such as "
+                          f"{next(iter(state))}), not a training checkpoint; {resume}")
     if not (isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping)
             and "epoch" in state):
         raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict and "
@@ -95,16 +106,29 @@ def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any]) -> N
     network = build(plan.analysis, model.get("init", "keras"), model.get("bn_momentum", 0.99),
                     model.get("bn_eps", 1e-3), logits=True)
     expected = {f"network.{k}": tuple(v.shape) for k, v in network.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state["state_dict"].items()
-             if k.startswith("network.") and hasattr(v, "shape")}
+    found = {k: tuple(v.shape) if hasattr(v, "shape") else None for k, v in state["state_dict"].items()}
     if found != expected:
         differs = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         # A tensor both have, in another shape, says more than one the other network lacks.
         key = min(differs, key=lambda k: (k not in expected or k not in found, k))
         raise ConfigError(f"ckpt_path={path} holds another network: {key} is "
-                          f"{list(found[key]) if key in found else 'missing'} there but "
+                          f"{list(found[key] or ()) if key in found else 'missing'} there but "
                           f"{list(expected[key]) if key in expected else 'absent'} in "
                           f"model {plan.name} ({len(differs)} tensor(s) differ); resume with "
                           f"the model config it was trained with")
-
-
+    missing = [key for key in TRAINER_KEYS if key not in state]
+    if missing:
+        raise ConfigError(f"ckpt_path={path} holds weights but no {', '.join(missing)}: not a checkpoint "
+                          f"Lightning's Trainer wrote; {resume}")
+    epoch, step = state["epoch"], state["global_step"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_EPOCH for v in (epoch, step)):
+        raise ConfigError(f"ckpt_path={path} says epoch {epoch!r}, step {step!r}: not a count of epochs "
+                          f"and steps trained (integers in [0, 2**31)); {resume}")
+    if max_epochs is not None and epoch + 1 > max_epochs:
+        raise ConfigError(f"ckpt_path={path} has trained {epoch + 1} epochs, more than trainer.max_epochs="
+                          f"{max_epochs}; set trainer.max_epochs to at least {epoch + 1} to continue it")
+    for key, tensor in state["state_dict"].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = "nan" if torch.isnan(tensor).any() else "inf"
+            raise ConfigError(f"ckpt_path={path} holds non-finite weights ({bad} in {key}); training "
+                              f"would only spread them: resume from an earlier checkpoint")
