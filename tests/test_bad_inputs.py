@@ -122,6 +122,26 @@ def empty_archive(tmp: Path) -> list[str]:
     return [*FOLDER, f"data.archive={archive}"]
 
 
+def jpeg_as_archive(tmp: Path) -> list[str]:
+    image = tmp / "photo.tar.gz"  # a JPEG, whatever its name says
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image, format="JPEG")
+    return [*FOLDER, f"data.archive={image}"]
+
+
+def zip_as_archive(tmp: Path) -> list[str]:
+    import zipfile
+
+    archive = tmp / "tree.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(_png(tmp / "tree" / "train" / "cat" / "000.png"), "train/cat/000.png")
+    return [*FOLDER, f"data.archive={archive}"]
+
+
+def empty_file_as_archive(tmp: Path) -> list[str]:
+    (tmp / "tree.tar.gz").touch()
+    return [*FOLDER, f"data.archive={tmp / 'tree.tar.gz'}"]
+
+
 def labels_outside_classes(tmp: Path) -> list[str]:
     """MNIST's IDX files whose labels run 0..10, with 10 classes (0..9) allowed."""
     raw = tmp / "data" / "MNIST" / "raw"
@@ -327,6 +347,10 @@ CASES = [
     case("archive-truncated", truncated_archive, "tree.tar.gz is not a readable .tar.gz", "truncated",
          outcome=NO_RUN),
     case("archive-empty", empty_archive, "empty.tar.gz holds no train/ and test/", outcome=NO_RUN),
+    case("archive-is-a-jpeg", jpeg_as_archive, "photo.tar.gz is a JPEG image, not a .tar.gz", "tar czf",
+         outcome=NO_RUN),
+    case("archive-is-a-zip", zip_as_archive, "tree.zip is a zip archive, not a .tar.gz", outcome=NO_RUN),
+    case("archive-empty-file", empty_file_as_archive, "tree.tar.gz is empty (0 bytes)", outcome=NO_RUN),
     case("archive-missing", lambda tmp: [*FOLDER, f"data.archive={tmp / 'none.tar.gz'}"],
          "none.tar.gz does not exist", outcome=NO_RUN),
     case("labels-outside-the-classes", labels_outside_classes, "labels in [0, 10]",
