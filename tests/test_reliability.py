@@ -211,6 +211,80 @@ def test_a_kill_after_the_last_checkpoint_still_logs_the_last_epoch(tmp_path, mo
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
 
 
+def _only_run(runs: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return client, run
+
+
+def test_an_unreadable_last_checkpoint_resumes_from_the_newest_readable_one(tmp_path, caplog):
+    """A truncated last.ckpt (a copy cut short, a disk that failed) made the rerun fail inside
+    Lightning. Now the rerun moves it aside with a warning and resumes from best.ckpt, or from the
+    first epoch when that is unreadable too, always in the same MLflow run."""
+    cfg = [*TINY, f"paths.runs={tmp_path}", "trainer.deterministic=true"]
+    train(compose([*cfg, "trainer.max_epochs=2", "checkpoint.monitor=val/acc_best", "checkpoint.mode=max"]))
+    client, run = _only_run(tmp_path)
+    folder = Path(run.data.tags["run_dir"]) / "checkpoints"
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    best_epoch = torch.load(folder / "best.ckpt", weights_only=True)["epoch"]
+
+    with caplog.at_level("WARNING", logger="cnnlab"):
+        train(compose([*cfg, "trainer.max_epochs=3", "checkpoint.monitor=val/acc_best", "checkpoint.mode=max"]))
+    assert f"resuming from best.ckpt instead (after epoch {best_epoch + 1})" in caplog.text
+    assert "last.ckpt cannot be read" in caplog.text and (folder / "last.ckpt.unreadable").is_file()
+    _, again = _only_run(tmp_path)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2, 3]
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+
+    for name in ("last.ckpt", "best.ckpt"):  # both unreadable: from the first epoch
+        (folder / name).write_bytes(b"not a checkpoint")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cnnlab"):
+        train(compose([*cfg, "trainer.max_epochs=4", "checkpoint.monitor=val/acc_best", "checkpoint.mode=max"]))
+    assert "training again from the first epoch, in the same MLflow run" in caplog.text
+    _, again = _only_run(tmp_path)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2, 3, 4]
+    assert torch.load(last, weights_only=True)["epoch"] == 3
+
+
+def test_a_checkpoint_is_never_written_over_in_place(tmp_path, monkeypatch):
+    """With TMPDIR on another file system (a tmpfs /tmp), Lightning's save moved its temporary
+    file into place by copying it into last.ckpt: the previous checkpoint was truncated first, so a
+    kill or a full disk during the copy lost both. Every write now goes to a file beside it that
+    is renamed over it once complete: no checkpoint is ever opened for writing."""
+    import builtins
+    import os
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    scratch = Path(tempfile.mkdtemp(dir=shm))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    opened, real_open = [], builtins.open
+
+    def watched(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and str(file).endswith(".ckpt") and set(mode) & set("wax+"):
+            opened.append(str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", watched)
+    try:
+        train(compose([*TINY, f"paths.runs={tmp_path}", "trainer.max_epochs=2"]))
+    finally:
+        monkeypatch.undo()
+        for leftover in scratch.iterdir():
+            leftover.unlink()
+        scratch.rmdir()
+    assert opened == []
+    (last,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert not list(last.parent.glob(".*.partial"))
+
+
 class _Payload:
     """Unpickling this runs a shell command: what a poisoned checkpoint file would carry."""
 

@@ -4,6 +4,7 @@ run it continues (a run directory remembers its run in `mlflow_run_id`)."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,49 @@ def already_complete(checkpoint: Path | None, max_epochs: int) -> float | None:
 
 
 def resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """ckpt_path, else the newest readable checkpoint of this run directory: last.ckpt, or
+    best.ckpt when last.ckpt cannot be read (copied in part, a disk that failed), else none (from
+    the start). An unreadable one is moved aside with a warning; the MLflow run stays the same."""
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
         if not path.is_file():
             raise ConfigError(f"ckpt_path {path} is not a file")
         return path
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return last if last.is_file() else None
+    folder = run_dir / "checkpoints"
+    for partial in folder.glob(".*.partial"):  # a write a kill cut short; the checkpoint before it is whole
+        partial.unlink(missing_ok=True)
+    unreadable = []
+    for name in ("last.ckpt", "best.ckpt"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        epoch, problem = read_epoch(path)
+        if problem is None:
+            if unreadable:
+                log.warning("%s; resuming from %s instead (after epoch %d), in the same MLflow run",
+                            "; ".join(unreadable), name, epoch + 1)
+            return path
+        aside = path.with_name(f"{name}.unreadable")
+        os.replace(path, aside)
+        unreadable.append(f"{path} cannot be read ({problem}; kept as {aside.name})")
+    if unreadable:
+        log.warning("%s; training again from the first epoch, in the same MLflow run", "; ".join(unreadable))
+    return None
+
+
+def read_epoch(path: Path) -> tuple[int | None, str | None]:
+    """A run-directory checkpoint's epoch index, or why it cannot be resumed from."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated: RuntimeError, EOFError, UnpicklingError ...
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        return None, reason[:200]
+    if not (isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping)
+            and isinstance(state.get("epoch"), int) and "loops" in state):
+        return None, "not a Lightning checkpoint"
+    return state["epoch"], None
 
 
 MAX_EPOCH = 2**31  # an epoch index beyond this is no training cnnlab did; Lightning stores it as given
