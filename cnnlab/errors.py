@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """
 
 
+class RunInUse(ConfigError):
+    """Another process trains in this run directory now (the same command, started twice): this
+    one stops before touching the run (status 2); the other goes on undisturbed."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a loss that is not finite). The MLflow run is marked FAILED,
     the last good checkpoint is kept, and the command line prints one `error:` line (exit 1)."""

@@ -285,6 +285,46 @@ def test_a_checkpoint_is_never_written_over_in_place(tmp_path, monkeypatch):
     assert not list(last.parent.glob(".*.partial"))
 
 
+def test_a_run_directory_in_use_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """The lock itself, quickly: while this process holds a run directory, `cnnlab train` on it
+    stops with status 2 and one line, and never opens the MLflow run."""
+    from filelock import FileLock
+    from test_bad_inputs import _in_process  # cnnlab.cli.main in this process, Hydra's logging put back
+
+    from cnnlab.training.resume import LOCK_FILE
+
+    run_dir = tmp_path / "held"
+    monkeypatch.setattr("cnnlab.training.run.run_directory", lambda cfg, name: run_dir)
+    run_dir.mkdir(parents=True)
+    with FileLock(str(run_dir / LOCK_FILE)):
+        code, err = _in_process([*TINY, f"paths.runs={tmp_path}", "trainer.max_epochs=1"], capsys, monkeypatch)
+    err = err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: the run in {run_dir} is in use by another process"), err
+    assert not (tmp_path / "mlflow.db").exists() or _runs_in(tmp_path) == []
+
+
+def _runs_in(runs: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs}/mlflow.db")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.slow  # two processes from start to end: 40-50 s on the shared 2-core machine
+def test_two_identical_commands_started_together_train_one_run_once(tmp_path):
+    """Both once attached to one MLflow run and trained the same epochs. Now the run directory is
+    locked: one trains, the other says in one line that the run is in use (exit 2)."""
+    command = [sys.executable, "-m", "cnnlab.cli", "train", *TINY, f"paths.runs={tmp_path}", "trainer.max_epochs=2",
+               "data.n_train=2048"]
+    jobs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((job.wait(timeout=300), job.stderr.read()) for job in jobs)
+    (ok, _), (refused, err) = results
+    assert (ok, refused) == (0, 2), results
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: the run in ")
+    assert "is in use by another process (process " in err
+    client, run = _only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
+
+
 class _Payload:
     """Unpickling this runs a shell command: what a poisoned checkpoint file would carry."""
 

@@ -5,17 +5,56 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from cnnlab.errors import ConfigError
+from cnnlab.errors import ConfigError, RunInUse
 from cnnlab.model.plan import ModelPlan
 
 log = logging.getLogger("cnnlab")
 RUN_ID_FILE = "mlflow_run_id"
+LOCK_FILE = ".cnnlab.lock"  # held (flock) by the process training in a run directory
+OWNER_FILE = ".cnnlab.owner"  # which process that is, for the error line of a second one
+LOCK_WAIT_S = 2.0  # a process that is just ending lets go within this; a running one does not
+
+
+@contextmanager
+def run_directory_lock(run_dir: Path, held: bool = True) -> Iterator[None]:
+    """Only one process trains in a run directory at a time. Two identical commands started
+    together both attached to one MLflow run and trained the same epochs; now the second waits
+    LOCK_WAIT_S for the lock and stops with RunInUse. The kernel releases the lock when its process
+    dies (SIGKILL included), so a rerun after a crash is never locked out. `held=False` (DDP's
+    extra ranks, which share rank zero's directory) takes no lock."""
+    if not held:
+        yield
+        return
+    import json
+    import os
+    import socket
+
+    from filelock import FileLock, Timeout
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / LOCK_FILE), timeout=LOCK_WAIT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = json.loads((run_dir / OWNER_FILE).read_text())
+            who = f"process {owner['pid']} on {owner['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process"
+        raise RunInUse(f"the run in {run_dir} is in use by another process ({who} trains in it now); "
+                       f"wait for it to end, or change an override to train a separate run") from None
+    try:
+        (run_dir / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        yield
+    finally:
+        lock.release()
 
 
 def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,

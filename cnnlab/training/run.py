@@ -21,8 +21,18 @@ log = logging.getLogger("cnnlab")
 def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     """Train, test and track one run; return the best value of `checkpoint.monitor`.
 
-    `tags` are added to a new MLflow run (`cnnlab reproduce` links runs this way).
+    `tags` are added to a new MLflow run (`cnnlab reproduce` links runs this way). The run
+    directory is locked for the whole run: a second process on it stops with RunInUse.
     """
+    checked(cfg)  # bad input fails before a folder or a lock exists
+    from cnnlab.training.distributed import process_rank
+    from cnnlab.training.resume import run_directory_lock
+
+    with run_directory_lock(run_directory(cfg, run_name(cfg, overrides())), held=process_rank() == 0):
+        return _train(cfg, tags)
+
+
+def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     plan, data_cfg = checked(cfg)
     from cnnlab.data.sources import load_dataset
 
