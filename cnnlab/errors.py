@@ -30,7 +30,21 @@ class TrainingError(RuntimeError):
     the last good checkpoint is kept, and the command line prints one `error:` line (exit 1)."""
 
 
+class Interrupted(BaseException):
+    """A signal stopped the job: SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C).
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way swallows it.
+    The command line prints one `error:` line and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str | None = None):
+        import signal
+
+        self.signum = signum
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+
+
 def exit_status(error: BaseException) -> int:
+    if isinstance(error, Interrupted):
+        return 128 + error.signum
     return FAILED if isinstance(error, TrainingError) else BAD_INPUT
 
 

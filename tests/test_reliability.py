@@ -157,15 +157,27 @@ def _final_weights(runs: Path) -> dict:
     return torch.load(ckpt, weights_only=True)["state_dict"]
 
 
-def test_killed_and_resumed_equals_uninterrupted(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """_train_command's run, never interrupted: what every interrupted and resumed one must equal."""
+    whole = tmp_path_factory.mktemp("whole")
+    done = subprocess.run(_train_command(whole), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return whole
+
+
+def _metric_history(runs: Path, key: str = "val/loss") -> list[tuple[int, float]]:
+    client, run = _only_run(runs)
+    return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, uninterrupted):
     """SIGKILL during training, run the same command again: same final weights and metrics as a
     run that was never interrupted, one MLflow run, one value per epoch."""
     import os
     import signal
     import time
 
-    whole = tmp_path / "whole"
-    assert subprocess.run(_train_command(whole), capture_output=True).returncode == 0
     cut = tmp_path / "cut"
     job = subprocess.Popen(_train_command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
@@ -178,15 +190,71 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert job.returncode == -signal.SIGKILL, "training ended before the kill"
     again = subprocess.run(_train_command(cut), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
-    a, b = _final_weights(whole), _final_weights(cut)
+    a, b = _final_weights(uninterrupted), _final_weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    client = {name: MlflowClient(tracking_uri=f"sqlite:///{tmp_path / name}/mlflow.db") for name in ("whole", "cut")}
-    runs = {name: c.search_runs([e.experiment_id for e in c.search_experiments()]) for name, c in client.items()}
-    assert len(runs["cut"]) == 1 and runs["cut"][0].info.status == "FINISHED"
-    history = {name: [(m.step, m.value) for m in client[name].get_metric_history(runs[name][0].info.run_id,
-                                                                                 "val/loss")]
-               for name in client}
-    assert history["cut"] == history["whole"] and [s for s, _ in history["cut"]] == [1, 2, 3, 4]
+    _, run = _only_run(cut)
+    assert run.info.status == "FINISHED"
+    assert _metric_history(cut) == _metric_history(uninterrupted)
+    assert [s for s, _ in _metric_history(cut)] == [1, 2, 3, 4]
+
+
+def _signal_mid_epoch(runs: Path, signum: int, uninterrupted: Path) -> tuple[int, str]:
+    """Start _train_command, send `signum` in the middle of its second epoch, return its exit
+    status and stderr."""
+    import json
+    import statistics
+    import time
+
+    rows = (uninterrupted / "outputs").glob("*/*/history.jsonl")
+    epoch_s = statistics.median(json.loads(line)["seconds"] for line in next(rows).read_text().splitlines())
+    job = subprocess.Popen(_train_command(runs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(runs.glob("outputs/*/*/checkpoints/last.ckpt")) and job.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    time.sleep(0.4 * epoch_s)  # the first epoch's checkpoint is written: into the second's batches
+    job.send_signal(signum)
+    err = job.communicate(timeout=120)[1]
+    assert "Traceback" not in err, err[-3000:]
+    return job.returncode, err.strip().splitlines()[-1]
+
+
+def test_sigterm_mid_epoch_checkpoints_at_the_next_batch_and_the_rerun_finishes_the_run(tmp_path, uninterrupted):
+    """SLURM's preemption (`--signal`), `kill`, `timeout`: SIGTERM once exited with status 0, printed
+    nothing and left the run FAILED. Now: the batch in progress ends, last.ckpt is written there,
+    one line, status 143, the run KILLED with a `signal` tag; the same command resumes at the next
+    batch, clears the tag and ends exactly as a run that was never stopped."""
+    import signal
+
+    code, line = _signal_mid_epoch(tmp_path, signal.SIGTERM, uninterrupted)
+    assert code == 128 + signal.SIGTERM, line
+    assert line.startswith("error: stopped by SIGTERM; the MLflow run is marked KILLED; a checkpoint was written "
+                           "after batch "), line
+    _, run = _only_run(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags["signal"] == "SIGTERM"
+    (last,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
+    state = torch.load(last, weights_only=True)
+    progress = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert not progress["is_last_batch"] and 0 < progress["current"]["completed"] < 64, "not written mid-epoch"
+    assert f"of 64 of epoch {state['epoch'] + 1}:" in line
+
+    again = subprocess.run(_train_command(tmp_path), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    _, run = _only_run(tmp_path)
+    assert run.info.status == "FINISHED" and "signal" not in run.data.tags and "error" not in run.data.tags
+    a, b = _final_weights(uninterrupted), _final_weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the resumed epoch saw the same batches, the same sums
+    for key in ("val/loss", "train/loss"):
+        assert _metric_history(tmp_path, key) == _metric_history(uninterrupted, key)
+
+
+def test_ctrl_c_marks_the_run_killed_with_status_130(tmp_path, uninterrupted):
+    import signal
+
+    code, line = _signal_mid_epoch(tmp_path, signal.SIGINT, uninterrupted)
+    assert code == 130 and line.startswith("error: stopped by SIGINT; the MLflow run is marked KILLED"), line
+    _, run = _only_run(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags["signal"] == "SIGINT"
 
 
 def test_a_kill_after_the_last_checkpoint_still_logs_the_last_epoch(tmp_path, monkeypatch):

@@ -97,6 +97,8 @@ def already_complete(checkpoint: Path | None, max_epochs: int) -> float | None:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if state["epoch"] + 1 < max_epochs:  # "epoch" is the 0-based index of the last one trained
         return None
+    if not state.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("is_last_batch", True):
+        return None  # written mid-epoch (on SIGTERM): that epoch is not finished
     scores = [s["best_model_score"] for k, s in state.get("callbacks", {}).items()
               if k.startswith("ModelCheckpoint") and s.get("best_model_score") is not None]
     return float(scores[0]) if scores else None
