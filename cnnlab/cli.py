@@ -49,6 +49,17 @@ def _summary(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
+    from cnnlab.errors import Interrupted
+    from cnnlab.training.signals import handled
+
+    try:
+        with handled():  # SIGTERM/SIGINT: one line and status 128 + the signal (cnnlab.training.signals)
+            return _train_handled(argv)
+    except Interrupted as error:
+        return fail(error)
+
+
+def _train_handled(argv: list[str]) -> int:
     from cnnlab.train import cli_main
     from cnnlab.training.checks import preflight
 

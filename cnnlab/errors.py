@@ -4,6 +4,7 @@ traceback."""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping
 
@@ -19,20 +20,54 @@ class ConfigError(ValueError):
     """
 
 
+class RunInUse(ConfigError):
+    """Another process trains in this run directory now (the same command, started twice): this
+    one stops before touching the run (status 2); the other goes on undisturbed."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a loss that is not finite). The MLflow run is marked FAILED,
     the last good checkpoint is kept, and the command line prints one `error:` line (exit 1)."""
 
 
+class Interrupted(BaseException):
+    """A signal stopped the job: SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C).
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way swallows it.
+    The command line prints one `error:` line and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str | None = None):
+        import signal
+
+        self.signum = signum
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+
+
 def exit_status(error: BaseException) -> int:
+    if isinstance(error, Interrupted):
+        return 128 + error.signum
     return FAILED if isinstance(error, TrainingError) else BAD_INPUT
 
 
 def fail(error: BaseException | str, status: int | None = None) -> int:
     """Print `error: <one line>` on stderr; return the exit status (given, or the error's own)."""
     text = error if isinstance(error, str) else error_text(error)
-    print(f"error: {text}", file=sys.stderr)
+    print(f"error: {printable(text)}", file=sys.stderr)
     return status if status is not None else exit_status(error) if isinstance(error, BaseException) else FAILED
+
+
+# C0 and C1 control characters (newline, escape, ...): a value that holds one would break the one
+# line in two, or reach the terminal as a command (an ANSI escape sequence recolouring or clearing it).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+LONGEST_VALUE = 200  # characters of one echoed value (a run without spaces) kept in an error line
+_LONG_RUN = re.compile(rf"\S{{{LONGEST_VALUE + 1},}}")
+
+
+def printable(text: str) -> str:
+    """One printable line: control characters escaped as Python writes them (`\\n`, `\\x1b`),
+    and a run of more than LONGEST_VALUE characters without a space (an echoed value) cut, with
+    a note of its length."""
+    escaped = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    return _LONG_RUN.sub(lambda m: f"{m.group()[:LONGEST_VALUE]}... (cut: {len(m.group())} characters)", escaped)
 
 
 def error_text(error: BaseException) -> str:
@@ -45,6 +80,13 @@ def error_text(error: BaseException) -> str:
         return "; ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
 
     if isinstance(error, OverrideParseException):
+        lexer = re.match(r"LexerNoViableAltException: .*\n( *)\^", error.message, re.DOTALL)
+        if lexer:  # Hydra echoes the whole override and a caret under the character it stopped at
+            at = len(lexer.group(1)) - len("LexerNoViableAltException: ")
+            char = error.override[at] if 0 <= at < len(error.override) else "?"
+            return (f"cannot parse the override '{error.override}': character {at} ({char!r}) is not "
+                    f"allowed unquoted; quote the value (key='...') or see "
+                    f"https://hydra.cc/docs/1.2/advanced/override_grammar/basic")
         return f"cannot parse the override '{error.override}': {fold(error.message)}"
     if isinstance(error, MissingConfigException) and error.options:
         group = str(error.missing_cfg_file).rpartition("/")[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -121,6 +122,26 @@ def empty_archive(tmp: Path) -> list[str]:
     return [*FOLDER, f"data.archive={archive}"]
 
 
+def jpeg_as_archive(tmp: Path) -> list[str]:
+    image = tmp / "photo.tar.gz"  # a JPEG, whatever its name says
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image, format="JPEG")
+    return [*FOLDER, f"data.archive={image}"]
+
+
+def zip_as_archive(tmp: Path) -> list[str]:
+    import zipfile
+
+    archive = tmp / "tree.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(_png(tmp / "tree" / "train" / "cat" / "000.png"), "train/cat/000.png")
+    return [*FOLDER, f"data.archive={archive}"]
+
+
+def empty_file_as_archive(tmp: Path) -> list[str]:
+    (tmp / "tree.tar.gz").touch()
+    return [*FOLDER, f"data.archive={tmp / 'tree.tar.gz'}"]
+
+
 def labels_outside_classes(tmp: Path) -> list[str]:
     """MNIST's IDX files whose labels run 0..10, with 10 classes (0..9) allowed."""
     raw = tmp / "data" / "MNIST" / "raw"
@@ -147,11 +168,67 @@ def another_models_checkpoint(tmp: Path) -> list[str]:
     return [f"ckpt_path={path}"]
 
 
+def tiny_checkpoint(edit: Callable[[dict], object]) -> Callable[[Path], list[str]]:
+    """A checkpoint of TINY's network as Lightning lays one out, changed by `edit` (which may
+    also return something else to save instead)."""
+    def make(tmp: Path) -> list[str]:
+        import torch
+
+        from cnnlab.config.compose import compose
+        from cnnlab.model.build import build
+        from cnnlab.model.plan import model_plan
+
+        network = build(model_plan(compose(TINY)).analysis, "keras", 0.99, 1e-3, logits=True)
+        state = {"epoch": 0, "global_step": 8, "pytorch-lightning_version": "2.6.0", "loops": {},
+                 "optimizer_states": [], "lr_schedulers": [], "callbacks": {},
+                 "state_dict": {f"network.{k}": v for k, v in network.state_dict().items()}}
+        saved = edit(state)
+        path = tmp / "given.ckpt"
+        torch.save(state if saved is None else saved, path)
+        return [f"ckpt_path={path}"]
+
+    return make
+
+
+def _nan_weights(state: dict) -> None:
+    state["state_dict"]["network.conv0.weight"][0, 0, 0, 0] = float("nan")
+
+
+def _extra_tensor(state: dict) -> None:
+    import torch
+
+    state["state_dict"]["extra.weight"] = torch.zeros(3)  # outside the network: Lightning's strict load fails
+
+
 def closed_port(tmp: Path) -> list[str]:
     with socket.socket() as s:  # a port nothing listens on once this socket is closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [f"tracking.uri=http://127.0.0.1:{port}", "tracking.timeout_s=3"]
+
+
+def not_mlflow_server(tmp: Path) -> list[str]:
+    """A web server on 127.0.0.1 that answers /health with 200 and is not MLflow (it serves files)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp / "site").mkdir()
+    (tmp / "site" / "health").write_text("OK")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp / "site")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()  # ends with the test process
+    return [f"tracking.uri=http://127.0.0.1:{server.server_address[1]}", "tracking.timeout_s=3"]
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def runs_under_a_file(tmp: Path) -> list[str]:
@@ -270,6 +347,10 @@ CASES = [
     case("archive-truncated", truncated_archive, "tree.tar.gz is not a readable .tar.gz", "truncated",
          outcome=NO_RUN),
     case("archive-empty", empty_archive, "empty.tar.gz holds no train/ and test/", outcome=NO_RUN),
+    case("archive-is-a-jpeg", jpeg_as_archive, "photo.tar.gz is a JPEG image, not a .tar.gz", "tar czf",
+         outcome=NO_RUN),
+    case("archive-is-a-zip", zip_as_archive, "tree.zip is a zip archive, not a .tar.gz", outcome=NO_RUN),
+    case("archive-empty-file", empty_file_as_archive, "tree.tar.gz is empty (0 bytes)", outcome=NO_RUN),
     case("archive-missing", lambda tmp: [*FOLDER, f"data.archive={tmp / 'none.tar.gz'}"],
          "none.tar.gz does not exist", outcome=NO_RUN),
     case("labels-outside-the-classes", labels_outside_classes, "labels in [0, 10]",
@@ -309,15 +390,45 @@ CASES = [
          "true, false or warn"),
     case("limit-batches-zero", ["trainer.limit_train_batches=0"], "trainer.limit_train_batches",
          "a batch count >= 1 or a fraction in (0, 1]"),
+    case("limit-batches-fraction-of-no-batch", ["trainer.limit_train_batches=1e-6"],
+         "trainer.limit_train_batches=1e-06 of the 8 train batches", "no batch at all", "at least 0.125",
+         outcome=NO_RUN),
+    case("limit-val-batches-fraction-of-no-batch", ["trainer.limit_val_batches=0.5", "data.eval_batch_size=64"],
+         "trainer.limit_val_batches=0.5 of the 1 val batches", outcome=NO_RUN),
     case("trainer-unknown-key", ["+trainer.max_epoch=3"], "unknown key 'trainer.max_epoch'", "max_epochs"),
     # tracking
     case("tracking-uri-scheme", ["tracking.uri=ftp://host/store"], "scheme 'ftp'", "sqlite:///PATH",
          "http://HOST:PORT"),
     case("tracking-server-unreachable", closed_port, "did not answer within 3 s", "tracking.uri=null"),
     case("tracking-experiment-empty", ["tracking.experiment="], "tracking.experiment", "non-empty string"),
+    case("tracking-uri-in-memory", ["tracking.uri=sqlite:///:memory:"], "'sqlite:///:memory:' is an in-memory store",
+         "keep nothing", "sqlite:///PATH/mlflow.db"),
+    case("tracking-uri-sqlite-without-slashes", ["tracking.uri=sqlite:"], "'sqlite:' is not a SQLite file URI",
+         "sqlite:///relative/path.db"),
+    case("tracking-uri-file-store", lambda tmp: [f"tracking.uri={(tmp / 'store').as_uri()}"], "is a folder",
+         "MLflow's file store", "sqlite:///PATH/mlflow.db"),
+    case("tracking-uri-relative-path", ["tracking.uri=mlruns"], "'mlruns' is a folder", "MLFLOW_ALLOW_FILE_STORE"),
+    case("tracking-uri-databricks", ["tracking.uri=databricks"], "does not support Databricks",
+         "sqlite:///PATH/mlflow.db"),
+    case("tracking-uri-postgresql-without-driver", ["tracking.uri=postgresql://u:secret@127.0.0.1:1/db"],
+         "postgresql://u:***@127.0.0.1:1/db", "needs the database driver", "pip install",
+         marks=pytest.mark.skipif(_importable("psycopg") or _importable("psycopg2"), reason="a driver is installed")),
+    case("tracking-uri-not-mlflow", not_mlflow_server, "answers /health but is not an MLflow tracking server",
+         "HTTP 404", "check the host and port"),
     case("tracking-step-every-zero", ["tracking.step_every=0"], "tracking.step_every", "integer >= 1"),
     case("tracking-timeout-negative", ["tracking.timeout_s=-1"], "tracking.timeout_s", "> 0", "got -1"),
     case("tracking-enabled-not-a-bool", ["tracking.enabled=sometimes"], "tracking.enabled", "true or false"),
+    # names: a value echoed in the error line is escaped (one line, nothing reaches the terminal) and cut
+    case("tracking-experiment-newline", ["tracking.experiment='a\nb'"], "tracking.experiment",
+         "without control characters", r"got 'a\nb'"),
+    case("tracking-experiment-newline-unquoted", ["tracking.experiment=a\nb"], "cannot parse the override",
+         r"tracking.experiment=a\nb", r"character 21 ('\n')"),
+    case("tracking-run-name-ansi-escape", ["tracking.run_name='\x1b[2J\x1b[31mred'"], "tracking.run_name",
+         "without control characters", r"\x1b[2J\x1b[31mred"),
+    case("tracking-experiment-5000-characters", [f"tracking.experiment='{'é' * 5000}'"], "tracking.experiment",
+         "at most 500 characters", "(cut: 5002 characters)"),
+    case("tracking-experiment-5000-characters-unquoted", [f"tracking.experiment={'日' * 5000}"],
+         "cannot parse the override", "(cut: ", "character 20 ('日')"),
     # checkpoint
     case("checkpoint-monitor-unknown", ["checkpoint.monitor=val/accuracy"], "checkpoint.monitor",
          "val/loss, val/acc, val/acc_best", "'val/accuracy'"),
@@ -328,6 +439,8 @@ CASES = [
     case("seed-text", ["seed=abc"], "seed", "integer in [0, 2**32)", "'abc'"),
     case("seed-negative", ["seed=-1"], "seed", "integer in [0, 2**32)", "got -1"),
     case("seed-fraction", ["seed=1.5"], "seed", "integer in [0, 2**32)", "got 1.5"),
+    case("seed-2-to-the-32", ["seed=4294967296"], "seed", "integer in [0, 2**32)", "got 4294967296"),
+    case("seed-2-to-the-64", [f"seed={2**64}"], "seed", "integer in [0, 2**32)", f"got {2**64}"),
     # the config as a whole
     case("top-level-unknown-key", ["epochs=3"], "no top-level key 'epochs'", "allowed: ablation, checkpoint",
          own_process=True),
@@ -336,6 +449,20 @@ CASES = [
     case("bad-interpolation", ["data.shape=${nope}"], "Interpolation key 'nope' not found", "data.shape"),
     case("unparsable-override", ["model.widths=[4"], "cannot parse the override 'model.widths=[4'"),
     case("sweep-syntax-without-multirun", ["seed=0,1"], "Ambiguous value", "--multirun"),
+    # overrides that would run code (tests/test_reliability.py shows that nothing ran)
+    case("override-target-in-a-dict-value", ["+hydra.callbacks.x={_target_:builtins.open,file:x,mode:w}"],
+         "changes hydra.callbacks, which runs code"),
+    case("override-target-in-a-dict-value-elsewhere", ["+model.extra={_target_:builtins.open,file:x,mode:w}"],
+         "sets a Hydra instantiation key"),
+    case("override-removes-a-callback", ["~hydra.callbacks.mlflow_sweep"], "changes hydra.callbacks"),
+    case("override-logging-handler", ["+hydra.job_logging.handlers.x={class:logging.FileHandler,filename:x}"],
+         "changes hydra.job_logging.handlers, which runs code"),
+    case("override-env-set-git-config", ["+hydra.job.env_set.GIT_CONFIG_COUNT=1"],
+         "environment variable GIT_CONFIG_COUNT", "only CUDA_VISIBLE_DEVICES, MKL_NUM_THREADS, OMP_NUM_THREADS"),
+    case("override-env-set-in-a-dict", ["hydra.job={env_set:{LD_PRELOAD:/tmp/x.so}}"],
+         "environment variable LD_PRELOAD"),
+    case("override-env-set-safe-name-odd-value", ["+hydra.job.env_set.OMP_NUM_THREADS='1; rm -rf x'"],
+         "environment variable OMP_NUM_THREADS"),
     # ckpt_path
     case("ckpt-missing", lambda tmp: [f"ckpt_path={tmp / 'gone.ckpt'}"], "gone.ckpt does not exist",
          "or null"),
@@ -344,6 +471,18 @@ CASES = [
          "a .ckpt written by cnnlab train"),
     case("ckpt-of-another-model", another_models_checkpoint, "other.ckpt holds another network",
          "network.conv0.weight is [16, 3, 3, 3] there but [4, 3, 5, 5]"),
+    case("ckpt-bare-state-dict", tiny_checkpoint(lambda s: {k[8:]: v for k, v in s["state_dict"].items()}),
+         "given.ckpt is a bare state dict", "conv0.weight", "not a training checkpoint"),
+    case("ckpt-weights-and-epoch-only", tiny_checkpoint(lambda s: {"state_dict": s["state_dict"], "epoch": 0}),
+         "holds weights but no pytorch-lightning_version", "not a checkpoint Lightning's Trainer wrote"),
+    case("ckpt-extra-state-key", tiny_checkpoint(_extra_tensor), "holds another network",
+         "extra.weight is [3] there but absent"),
+    case("ckpt-huge-epoch", tiny_checkpoint(lambda s: s.update(epoch=10**12)), "says epoch 1000000000000",
+         "integers in [0, 2**31)"),
+    case("ckpt-epoch-is-text", tiny_checkpoint(lambda s: s.update(epoch="ten")), "says epoch 'ten'"),
+    case("ckpt-more-epochs-than-asked", tiny_checkpoint(lambda s: s.update(epoch=5)),
+         "has trained 6 epochs, more than trainer.max_epochs=1", "at least 6"),
+    case("ckpt-nan-weights", tiny_checkpoint(_nan_weights), "non-finite weights (nan in network.conv0.weight)"),
     # the output folder
     case("runs-under-a-file", runs_under_a_file, "is not a folder cnnlab can write to", "Not a directory",
          own_process=True),
@@ -430,6 +569,7 @@ def test_bad_input_is_one_clear_error_and_no_run(bad: Case, tmp_path, capsys, mo
     assert lines, f"exit {code} with nothing on stderr"
     line = lines[-1]
     assert line.startswith("error: ") and len(line) < 500, err
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f]", line), line  # no control character reaches the terminal
     for word in bad.words:
         assert word in line, f"{word!r} not in {line!r}"
     assert code == (1 if bad.outcome == FAILED else 2), err
@@ -450,7 +590,7 @@ def test_the_corpus_covers_every_config_group():
     assert len(ids) == len(set(ids)) >= 45
     for prefix in ("model-", "layers-", "data-", "folder-", "archive-", "optim-", "lr-", "epochs-",
                    "accelerator-", "tracking-", "checkpoint-", "seed-", "top-level-", "ckpt-", "runs-",
-                   "disk-full-"):
+                   "disk-full-", "override-"):
         assert any(i.startswith(prefix) for i in ids), prefix
     assert {param.values[0].outcome for param in CASES} == {NOTHING, NO_RUN, FAILED}
 

@@ -15,9 +15,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 # A dense layer of 4M weights makes each checkpoint (weights + Adam's moments) about 50 MB, so
-# its write lasts long enough to be caught in the middle. Lightning writes it to a temporary file
-# (in TMPDIR, which the test points at a folder of its own) and renames it into place, so a
-# kill while that temporary file exists is a kill inside the write.
+# its write lasts long enough to be caught in the middle. cnnlab writes it to `.last.ckpt.partial`
+# beside it and renames that into place (cnnlab.training.trainer.durable_checkpoint_io), so a
+# kill while that file exists is a kill inside the write.
 COMMAND = ["data=synthetic", "model.widths=[16]", "model.dense=[4096]", "data.n_train=2048", "seed=7",
            "trainer.accelerator=cpu", "trainer.deterministic=true", "trainer.max_epochs=16", "trainer.threads=1",
            "trainer.enable_progress_bar=false", "tracking.log_model=false"]
@@ -70,9 +70,7 @@ def test_a_dozen_random_kills_including_checkpoint_writes_change_nothing(tmp_pat
     epoch_s = statistics.median(json.loads(line)["seconds"]
                                 for line in next(whole.glob("outputs/*/*/history.jsonl")).read_text().splitlines())
     cut = tmp_path / "cut"
-    scratch = tmp_path / "scratch"  # the jobs' TMPDIR: only checkpoint writes leave files here while training
-    scratch.mkdir()
-    env = {**os.environ, "TMPDIR": str(scratch)}
+    env = dict(os.environ)
     rng = random.Random(2026)
     moments = {"start-up": 0, "checkpoint write": 0, "random": 0}
     mid_write, epochs = 0, []  # kills that left a half-written file; epochs done at each kill
@@ -88,7 +86,7 @@ def test_a_dozen_random_kills_including_checkpoint_writes_change_nothing(tmp_pat
             kind = "checkpoint write"
 
             def ready(started=started):
-                return _written_since((p for p in scratch.glob("tmp*") if p.is_file()), started)
+                return _written_since(_checkpoints(cut).glob(".*.partial"), started)
         else:  # once it has trained one more epoch, at a random point of the next one: training,
             # validation, the checkpoint or the MLflow logging (progress by machine speed, not clock)
             delay = rng.uniform(0.0, 0.9 * epoch_s)
@@ -102,8 +100,8 @@ def test_a_dozen_random_kills_including_checkpoint_writes_change_nothing(tmp_pat
         if not _kill_when(job, ready, deadline_s=300):
             pytest.fail(f"training finished after {moments} kills; make the run longer")
         moments[kind] += 1
-        if kind == "checkpoint write" and _written_since((p for p in scratch.glob("tmp*") if p.is_file()), started):
-            mid_write += 1  # the temporary file outlived the process: it died inside the write
+        if kind == "checkpoint write" and _written_since(_checkpoints(cut).glob(".*.partial"), started):
+            mid_write += 1  # the partial file outlived the process: it died inside the write
         last = _checkpoints(cut) / "last.ckpt"
         # Never truncated: the checkpoint a rerun resumes from loads, safely, every time.
         epochs.append(torch.load(last, weights_only=True)["epoch"] + 1 if last.exists() else 0)

@@ -47,6 +47,71 @@ def test_overrides_that_would_import_objects_are_refused(tmp_path, override):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def _cnnlab(*args: str, cwd: Path | None = None, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnlab.cli", "train", *TINY, *args], capture_output=True,
+                          text=True, cwd=cwd, **popen)
+
+
+def test_env_set_cannot_make_git_run_a_command(tmp_path):
+    """hydra.job.env_set's GIT_CONFIG_* once made cnnlab's own `git status` (provenance tags) run
+    a command: core.fsmonitor names a program git starts. Refused before anything is written."""
+    marker = tmp_path / "pwned"
+    done = _cnnlab(f"paths.runs={tmp_path / 'runs'}", "trainer.max_epochs=1", "+hydra.job.env_set.GIT_CONFIG_COUNT=1",
+                   "+hydra.job.env_set.GIT_CONFIG_KEY_0=core.fsmonitor",
+                   f"+hydra.job.env_set.GIT_CONFIG_VALUE_0='touch {marker}; false'")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
+    assert "environment variable GIT_CONFIG_COUNT" in done.stderr
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_provenance_git_ignores_the_git_variables_of_the_environment(tmp_path, monkeypatch):
+    """Whatever the job's environment holds (a launcher's, a cluster's), cnnlab's git calls run with
+    no GIT_* variable, core.fsmonitor off and no hooks."""
+    from cnnlab.tracking.provenance import log_provenance, provenance_tags
+
+    marker = tmp_path / "pwned"
+    for name, value in {"GIT_CONFIG_COUNT": "2", "GIT_CONFIG_KEY_0": "core.fsmonitor",
+                        "GIT_CONFIG_VALUE_0": f"touch {marker}; false", "GIT_CONFIG_KEY_1": "diff.external",
+                        "GIT_CONFIG_VALUE_1": f"touch {marker}"}.items():
+        monkeypatch.setenv(name, value)
+
+    class Texts:
+        def log_text(self, text, name):
+            pass
+
+    tags = provenance_tags()
+    log_provenance(Texts())
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("override", [
+    "+hydra.callbacks.x={_target_:builtins.open,file:MARKER,mode:w}",
+    "hydra={callbacks:{x:{_target_:builtins.open,file:MARKER,mode:w}}}",
+    "+model.extra={_target_:builtins.open,file:MARKER,mode:w}",
+    "+hydra.job_logging.handlers.x={class:logging.FileHandler,filename:MARKER}",
+])
+def test_objects_in_an_override_value_are_refused_and_never_made(tmp_path, override, capsys, monkeypatch):
+    """The guard once looked only at keys: `_target_` inside a dict value got through, and Hydra
+    opened the file (for writing) as a 'callback'."""
+    from cnnlab.cli import main
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    code = main(["train", *TINY, f"paths.runs={tmp_path / 'runs'}", override.replace("MARKER", str(marker))])
+    assert code == 2 and capsys.readouterr().err.startswith("error: override ")
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_command_line_may_set_thread_counts_and_gpus_in_env_set():
+    from cnnlab.training.checks import refuse_object_overrides
+
+    refuse_object_overrides(["+hydra.job.env_set.OMP_NUM_THREADS=2", "+hydra.job.env_set.MKL_NUM_THREADS=2",
+                             "+hydra.job.env_set.CUDA_VISIBLE_DEVICES='0,1'", "hydra.job.env_set={}",
+                             "tracking.run_name=my_target_run", "hydra/launcher=joblib"])
+
+
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/absolute-escape", ".."])
 def test_experiment_and_run_names_stay_inside_the_runs_root(tmp_path, name):
     runs = tmp_path / "runs"
@@ -60,6 +125,28 @@ def test_experiment_and_run_names_stay_inside_the_runs_root(tmp_path, name):
     assert not Path("/tmp/absolute-escape").exists()
 
 
+def test_two_experiment_names_never_share_a_run_directory(tmp_path):
+    """`a/b` and `a_b` were both the folder `a_b`: the second command found the first's finished
+    run there and trained nothing. A name the slug changes now gets a short hash of itself."""
+    import re
+
+    from cnnlab.config.compose import slug
+
+    names = ["a/b", "a_b", "a:b", "a b", "a\nb", "../a_b", ".a_b", "", "x" * 200, "x" * 201, "é" * 5000]
+    slugs = [slug(name) for name in names]
+    assert len(set(slugs)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9_=,+-][A-Za-z0-9._=,+-]{0,119}", s) for s in slugs), slugs
+    assert slugs[:2] == [f"a_b-{slugs[0][-8:]}", "a_b"]  # readable: the name, then the hash
+
+    runs = tmp_path / "runs"
+    for name in ("a/b", "a_b"):
+        train(compose([*TINY, f"paths.runs={runs}", "trainer.max_epochs=1", f"tracking.experiment={name}"]))
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs}/mlflow.db")
+    found = {name: client.search_runs([client.get_experiment_by_name(name).experiment_id]) for name in ("a/b", "a_b")}
+    assert [len(found[name]) for name in found] == [1, 1]
+    assert found["a/b"][0].data.tags["run_dir"] != found["a_b"][0].data.tags["run_dir"]
+
+
 def _train_command(runs: Path) -> list[str]:
     return [sys.executable, "-m", "cnnlab.cli", "train", *TINY, f"paths.runs={runs}", "trainer.max_epochs=4",
             "data.n_train=2048", "trainer.deterministic=true", "seed=5"]
@@ -70,15 +157,27 @@ def _final_weights(runs: Path) -> dict:
     return torch.load(ckpt, weights_only=True)["state_dict"]
 
 
-def test_killed_and_resumed_equals_uninterrupted(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """_train_command's run, never interrupted: what every interrupted and resumed one must equal."""
+    whole = tmp_path_factory.mktemp("whole")
+    done = subprocess.run(_train_command(whole), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return whole
+
+
+def _metric_history(runs: Path, key: str = "val/loss") -> list[tuple[int, float]]:
+    client, run = _only_run(runs)
+    return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, uninterrupted):
     """SIGKILL during training, run the same command again: same final weights and metrics as a
     run that was never interrupted, one MLflow run, one value per epoch."""
     import os
     import signal
     import time
 
-    whole = tmp_path / "whole"
-    assert subprocess.run(_train_command(whole), capture_output=True).returncode == 0
     cut = tmp_path / "cut"
     job = subprocess.Popen(_train_command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
@@ -91,15 +190,71 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert job.returncode == -signal.SIGKILL, "training ended before the kill"
     again = subprocess.run(_train_command(cut), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
-    a, b = _final_weights(whole), _final_weights(cut)
+    a, b = _final_weights(uninterrupted), _final_weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    client = {name: MlflowClient(tracking_uri=f"sqlite:///{tmp_path / name}/mlflow.db") for name in ("whole", "cut")}
-    runs = {name: c.search_runs([e.experiment_id for e in c.search_experiments()]) for name, c in client.items()}
-    assert len(runs["cut"]) == 1 and runs["cut"][0].info.status == "FINISHED"
-    history = {name: [(m.step, m.value) for m in client[name].get_metric_history(runs[name][0].info.run_id,
-                                                                                 "val/loss")]
-               for name in client}
-    assert history["cut"] == history["whole"] and [s for s, _ in history["cut"]] == [1, 2, 3, 4]
+    _, run = _only_run(cut)
+    assert run.info.status == "FINISHED"
+    assert _metric_history(cut) == _metric_history(uninterrupted)
+    assert [s for s, _ in _metric_history(cut)] == [1, 2, 3, 4]
+
+
+def _signal_mid_epoch(runs: Path, signum: int, uninterrupted: Path) -> tuple[int, str]:
+    """Start _train_command, send `signum` in the middle of its second epoch, return its exit
+    status and stderr."""
+    import json
+    import statistics
+    import time
+
+    rows = (uninterrupted / "outputs").glob("*/*/history.jsonl")
+    epoch_s = statistics.median(json.loads(line)["seconds"] for line in next(rows).read_text().splitlines())
+    job = subprocess.Popen(_train_command(runs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(runs.glob("outputs/*/*/checkpoints/last.ckpt")) and job.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    time.sleep(0.4 * epoch_s)  # the first epoch's checkpoint is written: into the second's batches
+    job.send_signal(signum)
+    err = job.communicate(timeout=120)[1]
+    assert "Traceback" not in err, err[-3000:]
+    return job.returncode, err.strip().splitlines()[-1]
+
+
+def test_sigterm_mid_epoch_checkpoints_at_the_next_batch_and_the_rerun_finishes_the_run(tmp_path, uninterrupted):
+    """SLURM's preemption (`--signal`), `kill`, `timeout`: SIGTERM once exited with status 0, printed
+    nothing and left the run FAILED. Now: the batch in progress ends, last.ckpt is written there,
+    one line, status 143, the run KILLED with a `signal` tag; the same command resumes at the next
+    batch, clears the tag and ends exactly as a run that was never stopped."""
+    import signal
+
+    code, line = _signal_mid_epoch(tmp_path, signal.SIGTERM, uninterrupted)
+    assert code == 128 + signal.SIGTERM, line
+    assert line.startswith("error: stopped by SIGTERM; the MLflow run is marked KILLED; a checkpoint was written "
+                           "after batch "), line
+    _, run = _only_run(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags["signal"] == "SIGTERM"
+    (last,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
+    state = torch.load(last, weights_only=True)
+    progress = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert not progress["is_last_batch"] and 0 < progress["current"]["completed"] < 64, "not written mid-epoch"
+    assert f"of 64 of epoch {state['epoch'] + 1}:" in line
+
+    again = subprocess.run(_train_command(tmp_path), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    _, run = _only_run(tmp_path)
+    assert run.info.status == "FINISHED" and "signal" not in run.data.tags and "error" not in run.data.tags
+    a, b = _final_weights(uninterrupted), _final_weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the resumed epoch saw the same batches, the same sums
+    for key in ("val/loss", "train/loss"):
+        assert _metric_history(tmp_path, key) == _metric_history(uninterrupted, key)
+
+
+def test_ctrl_c_marks_the_run_killed_with_status_130(tmp_path, uninterrupted):
+    import signal
+
+    code, line = _signal_mid_epoch(tmp_path, signal.SIGINT, uninterrupted)
+    assert code == 130 and line.startswith("error: stopped by SIGINT; the MLflow run is marked KILLED"), line
+    _, run = _only_run(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags["signal"] == "SIGINT"
 
 
 def test_a_kill_after_the_last_checkpoint_still_logs_the_last_epoch(tmp_path, monkeypatch):
@@ -121,6 +276,120 @@ def test_a_kill_after_the_last_checkpoint_still_logs_the_last_epoch(tmp_path, mo
     train(cfg)
     (again,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
+
+
+def _only_run(runs: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return client, run
+
+
+def test_an_unreadable_last_checkpoint_resumes_from_the_newest_readable_one(tmp_path, caplog):
+    """A truncated last.ckpt (a copy cut short, a disk that failed) made the rerun fail inside
+    Lightning. Now the rerun moves it aside with a warning and resumes from best.ckpt, or from the
+    first epoch when that is unreadable too, always in the same MLflow run."""
+    cfg = [*TINY, f"paths.runs={tmp_path}", "trainer.deterministic=true"]
+    train(compose([*cfg, "trainer.max_epochs=2", "checkpoint.monitor=val/acc_best", "checkpoint.mode=max"]))
+    client, run = _only_run(tmp_path)
+    folder = Path(run.data.tags["run_dir"]) / "checkpoints"
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    best_epoch = torch.load(folder / "best.ckpt", weights_only=True)["epoch"]
+
+    with caplog.at_level("WARNING", logger="cnnlab"):
+        train(compose([*cfg, "trainer.max_epochs=3", "checkpoint.monitor=val/acc_best", "checkpoint.mode=max"]))
+    assert f"resuming from best.ckpt instead (after epoch {best_epoch + 1})" in caplog.text
+    assert "last.ckpt cannot be read" in caplog.text and (folder / "last.ckpt.unreadable").is_file()
+    _, again = _only_run(tmp_path)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2, 3]
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+
+    for name in ("last.ckpt", "best.ckpt"):  # both unreadable: from the first epoch
+        (folder / name).write_bytes(b"not a checkpoint")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cnnlab"):
+        train(compose([*cfg, "trainer.max_epochs=4", "checkpoint.monitor=val/acc_best", "checkpoint.mode=max"]))
+    assert "training again from the first epoch, in the same MLflow run" in caplog.text
+    _, again = _only_run(tmp_path)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2, 3, 4]
+    assert torch.load(last, weights_only=True)["epoch"] == 3
+
+
+def test_a_checkpoint_is_never_written_over_in_place(tmp_path, monkeypatch):
+    """With TMPDIR on another file system (a tmpfs /tmp), Lightning's save moved its temporary
+    file into place by copying it into last.ckpt: the previous checkpoint was truncated first, so a
+    kill or a full disk during the copy lost both. Every write now goes to a file beside it that
+    is renamed over it once complete: no checkpoint is ever opened for writing."""
+    import builtins
+    import os
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    scratch = Path(tempfile.mkdtemp(dir=shm))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    opened, real_open = [], builtins.open
+
+    def watched(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and str(file).endswith(".ckpt") and set(mode) & set("wax+"):
+            opened.append(str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", watched)
+    try:
+        train(compose([*TINY, f"paths.runs={tmp_path}", "trainer.max_epochs=2"]))
+    finally:
+        monkeypatch.undo()
+        for leftover in scratch.iterdir():
+            leftover.unlink()
+        scratch.rmdir()
+    assert opened == []
+    (last,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert not list(last.parent.glob(".*.partial"))
+
+
+def test_a_run_directory_in_use_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """The lock itself, quickly: while this process holds a run directory, `cnnlab train` on it
+    stops with status 2 and one line, and never opens the MLflow run."""
+    from filelock import FileLock
+    from test_bad_inputs import _in_process  # cnnlab.cli.main in this process, Hydra's logging put back
+
+    from cnnlab.training.resume import LOCK_FILE
+
+    run_dir = tmp_path / "held"
+    monkeypatch.setattr("cnnlab.training.run.run_directory", lambda cfg, name: run_dir)
+    run_dir.mkdir(parents=True)
+    with FileLock(str(run_dir / LOCK_FILE)):
+        code, err = _in_process([*TINY, f"paths.runs={tmp_path}", "trainer.max_epochs=1"], capsys, monkeypatch)
+    err = err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: the run in {run_dir} is in use by another process"), err
+    assert not (tmp_path / "mlflow.db").exists() or _runs_in(tmp_path) == []
+
+
+def _runs_in(runs: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs}/mlflow.db")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.slow  # two processes from start to end: 40-50 s on the shared 2-core machine
+def test_two_identical_commands_started_together_train_one_run_once(tmp_path):
+    """Both once attached to one MLflow run and trained the same epochs. Now the run directory is
+    locked: one trains, the other says in one line that the run is in use (exit 2)."""
+    command = [sys.executable, "-m", "cnnlab.cli", "train", *TINY, f"paths.runs={tmp_path}", "trainer.max_epochs=2",
+               "data.n_train=2048"]
+    jobs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((job.wait(timeout=300), job.stderr.read()) for job in jobs)
+    (ok, _), (refused, err) = results
+    assert (ok, refused) == (0, 2), results
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: the run in ")
+    assert "is in use by another process (process " in err
+    client, run = _only_run(tmp_path)
+    assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
 
 

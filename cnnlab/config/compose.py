@@ -23,16 +23,19 @@ CONF_DIR = Path(os.environ.get("CNNLAB_CONF", Path(__file__).resolve().parents[2
 
 
 def slug(text: object, max_len: int = 120) -> str:
-    """A safe single path segment: no separators, no leading dots, bounded length.
+    """A safe single path segment: no separators, no leading dots, bounded length, and one per text.
 
-    Run directories are named by experiment and overrides; this keeps names
-    such as `../../etc` or `/abs/path` inside the runs root.
+    Run directories are named by experiment and overrides; this keeps names such as `../../etc` or
+    `/abs/path` inside the runs root. A text the replacement changed (or cut) gets a short hash of
+    itself appended, so two texts never share a folder: `a/b` -> `a_b-<8 hex>`, while `a_b` stays
+    `a_b` (once both were `a_b`, and two experiments shared their run directories).
     """
-    clean = re.sub(r"[^A-Za-z0-9._=,+-]", "_", str(text)).lstrip(".")
-    if len(clean) > max_len:
-        digest = hashlib.sha256(clean.encode()).hexdigest()[:12]
-        clean = f"{clean[:max_len - 13]}-{digest}"
-    return clean or "default"
+    text = str(text)
+    clean = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text).lstrip(".")
+    if clean == text and 0 < len(clean) <= max_len:
+        return clean
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{(clean or 'default')[:max_len - len(digest) - 1]}-{digest}"
 
 
 OmegaConf.register_new_resolver("cnnlab_slug", slug, replace=True)

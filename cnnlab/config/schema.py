@@ -85,6 +85,17 @@ def Text(doc: str = "", nullable: bool = False, hint: str = "") -> Field:  # noq
                  f"{'null or ' if nullable else ''}a non-empty string{hint}", doc, nullable)
 
 
+def Name(max_len: int, doc: str = "", nullable: bool = False) -> Field:  # noqa: N802
+    """A name people read in MLflow and in logs: no control characters (a newline would split a log
+    line in two, an ANSI escape would reach the terminal), at most `max_len` characters."""
+    def accepts(v: Any) -> bool:
+        return (isinstance(v, str) and bool(v.strip()) and len(v) <= max_len
+                and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in v))
+
+    return Field(accepts, f"{'null or ' if nullable else ''}a non-empty string of at most {max_len} "
+                          f"characters without control characters", doc, nullable)
+
+
 def Path(doc: str = "") -> Field:  # noqa: N802
     return Field(lambda v: isinstance(v, str), "a path or null", doc, nullable=True)
 
@@ -293,6 +304,42 @@ DATA = Group("data", {
 }, rules=(_data_rules,), optional=SYNTHETIC_ONLY)
 
 SERVER_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy dialects MLflow's SQL store runs on
+
+
+def _tracking_uri_form(cfg: Mapping[str, Any]) -> None:
+    """The URI's form, before anything opens it: each of these was a traceback from MLflow or
+    SQLAlchemy after the job had started, or (an in-memory store) a run that kept nothing."""
+    import os
+
+    uri = cfg["uri"]
+    if not uri or not cfg["enabled"]:
+        return
+    uri = str(uri)
+    scheme = urlparse(uri).scheme.lower()
+    use = "use sqlite:///PATH/mlflow.db, http://HOST:PORT, or null (the store under paths.runs)"
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+        if path is None or not path.strip():
+            raise ConfigError(f"tracking.uri={uri!r} is not a SQLite file URI; write sqlite:///relative/path.db "
+                              f"or sqlite:////absolute/path.db")
+        if path.strip() == ":memory:" or path.startswith("file::memory:") or "mode=memory" in path:
+            raise ConfigError(f"tracking.uri={uri!r} is an in-memory store: it would keep nothing once the job "
+                              f"ends; {use}")
+    elif uri.lower().startswith(("databricks", "uc:")):
+        raise ConfigError(f"tracking.uri={uri!r}: cnnlab does not support Databricks tracking (it needs "
+                          f"Databricks credentials and workspace paths cnnlab does not set up); {use}")
+    elif scheme in ("file", ""):  # a folder
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise ConfigError(f"tracking.uri={uri!r} is a folder (MLflow's file store, which MLflow 3 refuses "
+                              f"unless MLFLOW_ALLOW_FILE_STORE=true); {use}")
+    elif scheme in SERVER_SCHEMES:
+        if not urlparse(uri).hostname:
+            raise ConfigError(f"tracking.uri={uri!r} names no host; write http://HOST:PORT")
+    elif scheme.split("+")[0] not in DATABASE_SCHEMES:
+        raise ConfigError(f"tracking.uri scheme '{scheme}' is not one MLflow serves; use "
+                          f"sqlite:///PATH, http://HOST:PORT or a database URI "
+                          f"({', '.join(f'{s}://...' for s in DATABASE_SCHEMES)})")
 
 
 def _server_needs_uri(cfg: Mapping[str, Any]) -> None:
@@ -312,8 +359,8 @@ TRACKING = Group("tracking", {
     # An empty MLFLOW_TRACKING_URI means unset, as null does.
     "uri": Field(lambda v: v == "" or (isinstance(v, str) and bool(v.strip())),
                  "null or a non-empty string (sqlite:///PATH, http://HOST:PORT, a database URI)", nullable=True),
-    "experiment": Text("the MLflow experiment"),
-    "run_name": Text(nullable=True),
+    "experiment": Name(500, "the MLflow experiment (MLflow keeps names of at most 500 characters)"),
+    "run_name": Name(500, nullable=True),
     "log_model": Flag("the final model in MLflow's pytorch flavour"),
     "step_metrics": Flag("also log train/loss every step_every steps"),
     "step_every": Int(1, unit="steps"),
@@ -321,7 +368,7 @@ TRACKING = Group("tracking", {
     "outage_wait_s": Number(0.0, unit="seconds"),
     "require_server": Flag("refuse the embedded store"),
     "parent": Text("a run id whose children a multirun's jobs become (cnnlab ablate)", nullable=True),
-}, rules=(_server_needs_uri,))
+}, rules=(_server_needs_uri, _tracking_uri_form))
 
 CHECKPOINT = Group("checkpoint", {
     "monitor": Choice(MONITORS, "the metric the best checkpoint follows (logged every epoch)"),

@@ -73,14 +73,29 @@ class TensorBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
                  shuffle: bool = False, seed: int = 0, epoch: Callable[[], int] | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 crop_padding: int = 0, hflip: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 crop_padding: int = 0, hflip: bool = False, rank: int = 0, world_size: int = 1,
+                 position: Callable[[], int] | None = None) -> None:
         self.x, self.y = x, y  # (N, C, H, W) uint8, (N,) int64 on one device
         self.batch_size = batch_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         self.mean, self.std = mean, std
         self.crop_padding, self.hflip = crop_padding, hflip
         self.rank, self.world_size = rank, world_size
+        self.position = position  # batches of this epoch the trainer has completed
         self._passes = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done) to continue mid-epoch
+
+    # Lightning saves and restores a train loader that has state_dict/load_state_dict, so a
+    # checkpoint written mid-epoch (on SIGTERM: cnnlab.training.signals) resumes at the next batch
+    # of the same epoch's order instead of starting the epoch over.
+    def state_dict(self) -> dict[str, int]:
+        if self.epoch is None or self.position is None:
+            return {}
+        return {"epoch": int(self.epoch()), "batches": int(self.position())}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if state:
+            self._resume = (state["epoch"], state["batches"])
 
     def _samples(self) -> int:
         """Samples this rank sees an epoch. Under DDP every rank gets ceil(N / world) of them
@@ -94,6 +109,9 @@ class TensorBatches:
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch() if self.epoch is not None else self._passes
         self._passes += 1
+        # Resuming the epoch a checkpoint was written in (every pass of that epoch: Lightning may
+        # start one and drop it); any other epoch starts at its first batch.
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
         n, device, bs = len(self.x), self.x.device, self.batch_size
         # Drawn on the CPU and moved once per epoch: the same order and augmentation on
         # any device (and on every rank), and no host sync per batch.
@@ -108,7 +126,7 @@ class TensorBatches:
             shifts = shifts[mine] if shifts is not None else None
             flips = flips[mine] if flips is not None else None
         order, shifts, flips = (t.to(device) if t is not None else None for t in (order, shifts, flips))
-        for start in range(0, len(order) if order is not None else n, bs):
+        for start in range(skip * bs, len(order) if order is not None else n, bs):
             if order is None:
                 x, y = self.x[start:start + bs], self.y[start:start + bs]
             else:
@@ -159,6 +177,20 @@ class TensorDataModule(L.LightningDataModule):
             val = (data.train_x[val_idx], data.train_y[val_idx])
         self._sets: dict[str, Batch] = {"train": train, "val": val, "test": test}
         self._device = torch.device("cpu")
+        self._resume: Mapping[str, int] = {}  # where a checkpoint written mid-epoch left the train batches
+
+    # The train batches' place in their epoch, in every checkpoint. Lightning restores it into the
+    # DataModule before it asks for the train loader (its own restore of a stateful loader comes
+    # too late: estimated_stepping_batches has built the loader by then), so a checkpoint written
+    # mid-epoch (on SIGTERM, cnnlab.training.signals) resumes at the batch after it.
+    def state_dict(self) -> dict[str, int]:
+        if self.trainer is None or self.cfg["pipeline"] != "memory":
+            return {}
+        return {"epoch": int(self.trainer.current_epoch),
+                "batches": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.completed)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self._resume = dict(state)
 
     def _root_device(self) -> torch.device:
         if self.trainer is None:
@@ -190,10 +222,14 @@ class TensorDataModule(L.LightningDataModule):
         if self.cfg["pipeline"] == "memory":
             # The trainer's epoch, not a pass counter: a resumed run sees the same order.
             epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
-            return TensorBatches(*self._sets["train"], self.cfg["batch_size"], shuffle=True,
-                                 seed=self.seed, epoch=epoch, mean=self._mean, std=self._std,
-                                 crop_padding=augment["crop_padding"], hflip=augment["hflip"],
-                                 **self._shard())
+            position = ((lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+                        if self.trainer is not None else None)
+            batches = TensorBatches(*self._sets["train"], self.cfg["batch_size"], shuffle=True,
+                                    seed=self.seed, epoch=epoch, mean=self._mean, std=self._std,
+                                    crop_padding=augment["crop_padding"], hflip=augment["hflip"],
+                                    position=position, **self._shard())
+            batches.load_state_dict(self._resume)
+            return batches
         steps: list[Any] = [v2.ToDtype(torch.float32, scale=True)]
         if augment["crop_padding"]:
             steps.append(v2.RandomCrop(self.cfg["shape"][1:], padding=augment["crop_padding"]))

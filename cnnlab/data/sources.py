@@ -440,9 +440,32 @@ def _read_archive(path: Path) -> dict[str, bytes]:
                     raise ConfigError(f"{path} member {member.name!r} is a link or special "
                                       "file; an image tree archive must hold plain files only")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise ConfigError(f"{path} is not a readable .tar.gz (truncated or corrupt?): {err}; "
-                          "replace the file") from err
+        raise ConfigError(_unreadable_archive(path, err)) from err
     return members
+
+
+# Files people give as data.archive by mistake, by their first bytes.
+_NOT_TAR = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+            (b"PK\x03\x04", "a zip archive"), (b"PK\x05\x06", "a zip archive"), (b"%PDF", "a PDF"),
+            (b"7z\xbc\xaf", "a 7-Zip archive"), (b"Rar!", "a RAR archive"))
+
+
+def _unreadable_archive(path: Path, err: BaseException) -> str:
+    """One line saying what the file is instead (tarfile's own message is several lines, one per
+    compression it tried)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    if not head:
+        return f"data.archive={path} is empty (0 bytes); give an image-tree .tar.gz"
+    kind = next((kind for magic, kind in _NOT_TAR if head.startswith(magic)), None)
+    if kind:
+        return (f"data.archive={path} is {kind}, not a .tar.gz; give an image tree packed with "
+                f"`tar czf tree.tar.gz train test` (or data.root=FOLDER for an unpacked tree)")
+    reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return f"{path} is not a readable .tar.gz (truncated or corrupt?): {reason[:200]}; replace the file"
 
 
 def _archive_root(members: Mapping[str, bytes], path: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 import platform
 import socket
 import subprocess
@@ -14,9 +15,28 @@ if TYPE_CHECKING:
     from cnnlab.tracking.writer import Tracker
 
 
+# Settings git would otherwise take from the job's environment or the repository's config and that
+# make it run a program: an fsmonitor daemon (`git status` starts it) and hooks; `git diff` also
+# gets --no-ext-diff --no-textconv. Hydra's hydra.job.env_set once set GIT_CONFIG_* for the job, and
+# cnnlab's own `git status` ran the command it named (cnnlab.training.checks now refuses that too).
+# No safe.directory: the checkout is the user's own, and trusting a repository owned by someone
+# else would apply that repository's config (filters) to these calls.
+_GIT_SAFE = ("-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null")
+
+
+def git_environment() -> dict[str, str]:
+    """The environment without any GIT_* variable (GIT_CONFIG_COUNT/KEY/VALUE, GIT_DIR,
+    GIT_EXEC_PATH, GIT_SSH_COMMAND ...): git reads only the user's and the system's config."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+
+
 def _git(*args: str) -> str | None:
-    result = subprocess.run(["git", *args], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent)
+    try:
+        result = subprocess.run(["git", *_GIT_SAFE, *args], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, env=git_environment(),
+                                stdin=subprocess.DEVNULL, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None  # no git on this machine, or a repository too slow to read: "unknown"
     return result.stdout.strip() if result.returncode == 0 else None
 
 
@@ -54,6 +74,6 @@ def log_provenance(tracker: Tracker) -> None:
     packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions()
                        if d.metadata["Name"]}, key=str.lower)
     tracker.log_text("\n".join(packages) + "\n", "provenance/requirements.txt")
-    diff = _git("diff", "HEAD")
+    diff = _git("diff", "--no-ext-diff", "--no-textconv", "HEAD")
     if diff:
         tracker.log_text(diff + "\n", "provenance/git.diff")

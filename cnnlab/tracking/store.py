@@ -17,7 +17,7 @@ from typing import TypeVar
 from urllib.parse import urlparse
 
 from cnnlab.config.compose import slug
-from cnnlab.config.schema import SERVER_SCHEMES
+from cnnlab.config.schema import DATABASE_SCHEMES, SERVER_SCHEMES
 from cnnlab.errors import ConfigError
 
 T = TypeVar("T")
@@ -97,6 +97,7 @@ def check_tracking(uri: str, timeout_s: float) -> None:
             raise ConfigError(f"the MLflow tracking server at {uri} did not answer within "
                               f"{timeout_s:g} s ({type(error).__name__}); start it, or use the "
                               f"embedded store (tracking=mlflow tracking.uri=null)") from None
+        check_is_mlflow(uri, timeout_s)
     elif parsed.scheme == "sqlite":
         folder = sqlite_path(uri).parent
         try:
@@ -105,9 +106,64 @@ def check_tracking(uri: str, timeout_s: float) -> None:
             raise ConfigError(f"cannot create the MLflow store folder {folder}: "
                               f"{error.strerror}") from None
         create_sqlite_store(uri, folder)
-    elif parsed.scheme not in ("file", "databricks", "postgresql", "mysql", "mssql", ""):
+    elif parsed.scheme.split("+")[0] in DATABASE_SCHEMES:
+        check_database_driver(uri)
+    elif parsed.scheme not in ("file", "databricks", ""):
         raise ConfigError(f"tracking.uri scheme '{parsed.scheme}' is not one MLflow serves; use "
                           f"sqlite:///PATH, http://HOST:PORT or a database URI")
+
+
+def check_is_mlflow(uri: str, timeout_s: float) -> None:
+    """A server that answers /health may still be something else on that port (another web app,
+    a proxy's default page): then every MLflow call failed with a traceback once training began.
+    One read-only MLflow request tells: an MLflow server answers it with JSON."""
+    import requests
+
+    endpoint = "/api/2.0/mlflow/experiments/search"
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}{endpoint}", params={"max_results": 1}, timeout=timeout_s)
+    except requests.RequestException as error:
+        raise ConfigError(f"the MLflow tracking server at {uri} answered /health but not {endpoint} "
+                          f"({type(error).__name__}); is it an MLflow server?") from None
+    if answer.status_code in (401, 403):
+        return  # a server that wants credentials: MLflow's client sends the ones configured
+    try:
+        is_mlflow = answer.ok and isinstance(answer.json(), dict)
+    except ValueError:  # not JSON
+        is_mlflow = False
+    if not is_mlflow:
+        kind = answer.headers.get("content-type", "?").split(";")[0]
+        raise ConfigError(f"{uri} answers /health but is not an MLflow tracking server (GET {endpoint} "
+                          f"gave HTTP {answer.status_code}, {kind}); check the host and port, or start "
+                          f"`mlflow server` there")
+
+
+# The Python package that provides each DB-API module SQLAlchemy's dialects import.
+DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "pg8000": "pg8000",
+                   "asyncpg": "asyncpg", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL",
+                   "mysql": "mysql-connector-python", "pyodbc": "pyodbc", "pymssql": "pymssql"}
+
+
+def check_database_driver(uri: str) -> None:
+    """A database URI needs its DB-API driver installed; without one, SQLAlchemy raised
+    ModuleNotFoundError from inside MLflow after the job had started. The password is not echoed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(uri)
+        shown = url.render_as_string(hide_password=True)
+        dialect = url.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as error:
+        raise ConfigError(f"tracking.uri is not a database URI SQLAlchemy knows ({root_cause(error)}); "
+                          f"write postgresql://USER@HOST/DB, mysql+pymysql://USER@HOST/DB ...") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        module = (error.name or "").split(".")[0] or "?"
+        package = DRIVER_PACKAGES.get(module, module)
+        raise ConfigError(f"tracking.uri={shown} needs the database driver {module!r} ({url.drivername}), "
+                          f"which is not installed: pip install '{package}'") from None
 
 
 def create_sqlite_store(uri: str, folder: Path) -> None:

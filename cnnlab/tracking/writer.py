@@ -29,6 +29,7 @@ log = logging.getLogger("cnnlab")
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
 TOO_LONG = "(too long for an MLflow param: {n} characters; see the config.yaml artifact)"
+STOP_TAGS = {"error", "signal"}  # set when a run stops early; a resumed run clears them (error.txt stays)
 
 
 class TrackingUnavailable(TrainingError):
@@ -159,6 +160,8 @@ class Tracker:
             return False
         self.run_id = run_id
         self._call(lambda: self.client.update_run(run_id, status="RUNNING"), "reopening the run")
+        for key in STOP_TAGS.intersection(run.data.tags):  # why it stopped last time: no longer true
+            self._call(lambda key=key: self.client.delete_tag(run_id, key), f"clearing the tag {key}")
         return True
 
     def run_status(self, run_id: str) -> str | None:
@@ -217,7 +220,7 @@ class Tracker:
         self._call(lambda: self.client.set_terminated(self.run_id, status=status),
                    f"marking the run {status}", patient)
 
-    def mark_failed(self, error: BaseException, status: str = "FAILED") -> None:
+    def mark_failed(self, error: BaseException, status: str = "FAILED", tags: Mapping[str, str] | None = None) -> None:
         """Record why the job stopped and end the run with `status`, without waiting for a
         server that is away: then the run is left as it is (a rerun resumes it) and a warning
         says so, and the job's own error is what the caller raises."""
@@ -226,7 +229,7 @@ class Tracker:
                         "run again, resumes it", self.run_id)
             return
         try:
-            self.set_tags({"error": f"{type(error).__name__}: {error}"}, patient=False)
+            self.set_tags({"error": f"{type(error).__name__}: {error}", **(tags or {})}, patient=False)
             self.log_text(f"{type(error).__name__}: {error}\n", "error.txt", patient=False)
             self.finish(status, patient=False)
         except Exception as marking:

@@ -8,7 +8,9 @@ anything) and the Hydra job itself compose the same config, and the second check
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,7 +40,7 @@ def checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
         if cfg.ckpt_path:  # a garbage file or another model's checkpoint would fail inside fit()
             from cnnlab.training.resume import check_checkpoint
 
-            check_checkpoint(Path(cfg.ckpt_path), plan, resolved["model"])
+            check_checkpoint(Path(cfg.ckpt_path), plan, resolved["model"], resolved["trainer"]["max_epochs"])
         _CHECKED[key] = plan
     return _CHECKED[key], resolved["data"]
 
@@ -69,6 +71,23 @@ def check_accelerator(trainer: Mapping[str, Any]) -> None:
                           f"{count} this machine has; use at most {count}, -1 (all) or auto")
 
 
+def check_batch_limits(trainer: Mapping[str, Any], data: Mapping[str, Any], n_train: int, n_test: int) -> None:
+    """A fraction in trainer.limit_*_batches that leaves no batch of this data: Lightning found that
+    out only inside fit(), after the MLflow run existed (MisconfigurationException). Needs the data's
+    size, so it runs once the data has loaded, before the run is opened."""
+    n_val = round(n_train * data["val_fraction"]) if data["validation"] == "split" else n_test
+    if data["validation"] == "split":
+        n_train -= n_val
+    for stage, images, batch in (("train", n_train, data["batch_size"]), ("val", n_val, data["eval_batch_size"]),
+                                 ("test", n_test, data["eval_batch_size"])):
+        limit = trainer[f"limit_{stage}_batches"]
+        batches = math.ceil(images / batch)
+        if isinstance(limit, float) and 0 < limit and int(batches * limit) == 0:
+            raise ConfigError(f"trainer.limit_{stage}_batches={limit:g} of the {batches} {stage} batches "
+                              f"({images} images, batch size {batch}) is no batch at all; use a fraction of at "
+                              f"least {1 / batches:.3g}, or a batch count (an integer >= 1)")
+
+
 def check_writable(folder: Path, key: str) -> None:
     """Create `folder` and write a small file there: a read-only, misplaced or full output
     folder fails here, in milliseconds, instead of in the middle of a run."""
@@ -87,16 +106,84 @@ def check_writable(folder: Path, key: str) -> None:
 # object (hydra.callbacks are instantiated before cnnlab's code runs). cnnlab chooses objects by
 # short names looked up in its own registries, so no command line needs them.
 INSTANTIATION_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+# Hydra settings that run code or shell commands: callbacks (instantiated), logging handlers,
+# formatters and filters (logging.config imports and calls their `class` and `()`), submitit's
+# `setup` lines (shell commands in the sbatch script) and Ray's runtime_env (environment variables,
+# setup hooks, packages to install). They belong in config files under conf/, never on the
+# command line.
+CODE_KEYS = ("hydra.callbacks", "hydra.launcher.setup", "hydra.launcher.ray.init.runtime_env",
+             *(f"hydra.{log}.{part}" for log in ("job_logging", "hydra_logging")
+               for part in ("handlers", "formatters", "filters")))
+# hydra.job.env_set sets environment variables in the job's process, which every program it starts
+# inherits: GIT_CONFIG_* made cnnlab's own `git status` run a command, LD_PRELOAD or PYTHONPATH
+# would load code. The command line may set only these, to values of this form.
+ENV_SET = "hydra.job.env_set"
+SAFE_ENV = {"CUDA_VISIBLE_DEVICES": r"[A-Za-z0-9,-]*",  # GPU indices or UUIDs (GPU-..., MIG-...)
+            "OMP_NUM_THREADS": r"[1-9][0-9]{0,3}", "MKL_NUM_THREADS": r"[1-9][0-9]{0,3}"}
+
+
+def _assignments(arg: str) -> list[tuple[str, object]] | None:
+    """Every (dotted key, value) an override sets, a dict value's nested keys included
+    (`hydra.job={env_set:{A:1}}` sets hydra.job.env_set.A); None if Hydra cannot parse it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        (override,) = OverridesParser.create().parse_overrides([arg])
+    except OverrideParseException:
+        return None
+    found: list[tuple[str, object]] = []
+
+    def walk(key: str, value: object) -> None:
+        found.append((key, value))
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{key}.{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(key, v)
+        elif isinstance(getattr(value, "list", None), list):  # a sweep: choice(...), a,b
+            for v in value.list:
+                walk(key, v)
+
+    key = override.key_or_group.replace("/", ".")
+    walk(f"{key}.{override.package}" if override.package else key, override.value())
+    return found
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
 
 
 def refuse_object_overrides(argv: list[str]) -> None:
-    """No override may set an instantiation key: Hydra would import and call what it names."""
+    """No override may make Hydra import or call objects, run commands, or set environment
+    variables other than SAFE_ENV's: not by its key, nor by keys inside a dict value."""
     for arg in argv:
-        key = arg.split("=", 1)[0]
-        if any(k in key for k in INSTANTIATION_KEYS):
-            raise ConfigError(f"override '{arg}' sets a Hydra instantiation key; cnnlab does not let "
-                              f"the command line import or call objects. Choose by name instead "
-                              f"(optim.name=adam, model=vgg, hydra/launcher=joblib)")
+        if arg.startswith("-"):
+            continue  # Hydra's own flags (-m, --cfg job); their values parse as nothing below
+        found = _assignments(arg)
+        if found is None:  # unparsable: Hydra refuses it too; judge the text alone
+            found = [(arg, None)]
+        for key, value in found:
+            parts = set(key.lstrip("+~").split("."))
+            if parts & set(INSTANTIATION_KEYS) or (value is None and any(k in arg for k in INSTANTIATION_KEYS)):
+                raise ConfigError(f"override '{arg}' sets a Hydra instantiation key; cnnlab does not let "
+                                  f"the command line import or call objects. Choose by name instead "
+                                  f"(optim.name=adam, model=vgg, hydra/launcher=joblib)")
+            key = key.lstrip("+~")
+            code = next((prefix for prefix in CODE_KEYS if _under(key, prefix)), None)
+            if code:
+                raise ConfigError(f"override '{arg}' changes {code}, which runs code; cnnlab does not let the "
+                                  f"command line do that: put it in a config file under conf/")
+            leaf = not isinstance(value, (dict, list, tuple)) and not hasattr(value, "list")
+            if _under(key, ENV_SET) and key != ENV_SET and leaf:
+                name = key[len(ENV_SET) + 1:]
+                pattern = SAFE_ENV.get(name)
+                if pattern is None or not re.fullmatch(pattern, str(value)):
+                    raise ConfigError(
+                        f"override '{arg}' sets the environment variable {name} for the job; the command "
+                        f"line may set only {', '.join(sorted(SAFE_ENV))} (thread counts, GPU indices): "
+                        f"others (GIT_CONFIG_*, LD_PRELOAD, PYTHONPATH ...) can make programs run code")
 
 
 def preflight(argv: list[str]) -> None:

@@ -131,6 +131,12 @@ class Classifier(L.LightningModule):
         checkpoint["rng_torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        if self.trainer.training and 0 < progress.current.completed and not progress.is_last_batch:
+            # Written mid-epoch (on SIGTERM): the epoch's sums so far, which a resumed run continues;
+            # Lightning does not call on_train_epoch_start again for an epoch it resumes.
+            checkpoint["train_epoch_sums"] = {"loss_sum": self._loss_sum.detach().cpu(),
+                                              "correct": self._correct.detach().cpu(), "seen": self._seen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_acc_best = float(checkpoint.get("val_acc_best", 0.0))
@@ -138,3 +144,13 @@ class Classifier(L.LightningModule):
             torch.set_rng_state(checkpoint["rng_torch"])
         if "rng_cuda" in checkpoint and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        self._resumed_sums = checkpoint.get("train_epoch_sums")  # set once the module is on its device
+
+    def on_train_start(self) -> None:
+        sums = getattr(self, "_resumed_sums", None)
+        if sums is not None:  # resuming mid-epoch: continue the epoch's sums
+            self._loss_sum = sums["loss_sum"].to(self.device)
+            self._correct = sums["correct"].to(self.device)
+            self._seen = int(sums["seen"])
+            self._epoch_metrics = None
+            self._resumed_sums = None

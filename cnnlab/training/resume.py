@@ -4,17 +4,57 @@ run it continues (a run directory remembers its run in `mlflow_run_id`)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from cnnlab.errors import ConfigError
+from cnnlab.errors import ConfigError, RunInUse
 from cnnlab.model.plan import ModelPlan
 
 log = logging.getLogger("cnnlab")
 RUN_ID_FILE = "mlflow_run_id"
+LOCK_FILE = ".cnnlab.lock"  # held (flock) by the process training in a run directory
+OWNER_FILE = ".cnnlab.owner"  # which process that is, for the error line of a second one
+LOCK_WAIT_S = 2.0  # a process that is just ending lets go within this; a running one does not
+
+
+@contextmanager
+def run_directory_lock(run_dir: Path, held: bool = True) -> Iterator[None]:
+    """Only one process trains in a run directory at a time. Two identical commands started
+    together both attached to one MLflow run and trained the same epochs; now the second waits
+    LOCK_WAIT_S for the lock and stops with RunInUse. The kernel releases the lock when its process
+    dies (SIGKILL included), so a rerun after a crash is never locked out. `held=False` (DDP's
+    extra ranks, which share rank zero's directory) takes no lock."""
+    if not held:
+        yield
+        return
+    import json
+    import os
+    import socket
+
+    from filelock import FileLock, Timeout
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / LOCK_FILE), timeout=LOCK_WAIT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = json.loads((run_dir / OWNER_FILE).read_text())
+            who = f"process {owner['pid']} on {owner['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process"
+        raise RunInUse(f"the run in {run_dir} is in use by another process ({who} trains in it now); "
+                       f"wait for it to end, or change an override to train a separate run") from None
+    try:
+        (run_dir / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        yield
+    finally:
+        lock.release()
 
 
 def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
@@ -57,24 +97,69 @@ def already_complete(checkpoint: Path | None, max_epochs: int) -> float | None:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if state["epoch"] + 1 < max_epochs:  # "epoch" is the 0-based index of the last one trained
         return None
+    if not state.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("is_last_batch", True):
+        return None  # written mid-epoch (on SIGTERM): that epoch is not finished
     scores = [s["best_model_score"] for k, s in state.get("callbacks", {}).items()
               if k.startswith("ModelCheckpoint") and s.get("best_model_score") is not None]
     return float(scores[0]) if scores else None
 
 
 def resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """ckpt_path, else the newest readable checkpoint of this run directory: last.ckpt, or
+    best.ckpt when last.ckpt cannot be read (copied in part, a disk that failed), else none (from
+    the start). An unreadable one is moved aside with a warning; the MLflow run stays the same."""
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
         if not path.is_file():
             raise ConfigError(f"ckpt_path {path} is not a file")
         return path
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return last if last.is_file() else None
+    folder = run_dir / "checkpoints"
+    for partial in folder.glob(".*.partial"):  # a write a kill cut short; the checkpoint before it is whole
+        partial.unlink(missing_ok=True)
+    unreadable = []
+    for name in ("last.ckpt", "best.ckpt"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        epoch, problem = read_epoch(path)
+        if problem is None:
+            if unreadable:
+                log.warning("%s; resuming from %s instead (after epoch %d), in the same MLflow run",
+                            "; ".join(unreadable), name, epoch + 1)
+            return path
+        aside = path.with_name(f"{name}.unreadable")
+        os.replace(path, aside)
+        unreadable.append(f"{path} cannot be read ({problem}; kept as {aside.name})")
+    if unreadable:
+        log.warning("%s; training again from the first epoch, in the same MLflow run", "; ".join(unreadable))
+    return None
 
 
-def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any]) -> None:
-    """ckpt_path must be a Lightning checkpoint of this very network: a garbage file or another
-    model's checkpoint would otherwise fail inside Lightning, after the MLflow run exists."""
+def read_epoch(path: Path) -> tuple[int | None, str | None]:
+    """A run-directory checkpoint's epoch index, or why it cannot be resumed from."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated: RuntimeError, EOFError, UnpicklingError ...
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        return None, reason[:200]
+    if not (isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping)
+            and isinstance(state.get("epoch"), int) and "loops" in state):
+        return None, "not a Lightning checkpoint"
+    return state["epoch"], None
+
+
+MAX_EPOCH = 2**31  # an epoch index beyond this is no training cnnlab did; Lightning stores it as given
+
+# What a checkpoint Lightning's Trainer wrote holds besides the weights; a resume needs all of it.
+TRAINER_KEYS = ("pytorch-lightning_version", "global_step", "loops", "optimizer_states")
+
+
+def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any], max_epochs: int | None = None) -> None:
+    """ckpt_path must be a Lightning checkpoint of this very network: a garbage file, another
+    model's checkpoint, a bare state dict, extra or non-finite tensors or an impossible epoch would
+    otherwise fail inside Lightning (or train on NaN weights), after the MLflow run exists."""
     import torch
 
     from cnnlab.model.build import build
@@ -88,6 +173,10 @@ def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any]) -> N
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"ckpt_path={path} is not a readable checkpoint ({reason[:200]}); give a "
                           f".ckpt written by cnnlab train") from None
+    resume = "cnnlab resumes from a .ckpt written by cnnlab train (weights, optimizer and loop state)"
+    if isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"ckpt_path={path} is a bare state dict ({len(state)} tensors such as "
+                          f"{next(iter(state))}), not a training checkpoint; {resume}")
     if not (isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping)
             and "epoch" in state):
         raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict and "
@@ -95,16 +184,29 @@ def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any]) -> N
     network = build(plan.analysis, model.get("init", "keras"), model.get("bn_momentum", 0.99),
                     model.get("bn_eps", 1e-3), logits=True)
     expected = {f"network.{k}": tuple(v.shape) for k, v in network.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state["state_dict"].items()
-             if k.startswith("network.") and hasattr(v, "shape")}
+    found = {k: tuple(v.shape) if hasattr(v, "shape") else None for k, v in state["state_dict"].items()}
     if found != expected:
         differs = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         # A tensor both have, in another shape, says more than one the other network lacks.
         key = min(differs, key=lambda k: (k not in expected or k not in found, k))
         raise ConfigError(f"ckpt_path={path} holds another network: {key} is "
-                          f"{list(found[key]) if key in found else 'missing'} there but "
+                          f"{list(found[key] or ()) if key in found else 'missing'} there but "
                           f"{list(expected[key]) if key in expected else 'absent'} in "
                           f"model {plan.name} ({len(differs)} tensor(s) differ); resume with "
                           f"the model config it was trained with")
-
-
+    missing = [key for key in TRAINER_KEYS if key not in state]
+    if missing:
+        raise ConfigError(f"ckpt_path={path} holds weights but no {', '.join(missing)}: not a checkpoint "
+                          f"Lightning's Trainer wrote; {resume}")
+    epoch, step = state["epoch"], state["global_step"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_EPOCH for v in (epoch, step)):
+        raise ConfigError(f"ckpt_path={path} says epoch {epoch!r}, step {step!r}: not a count of epochs "
+                          f"and steps trained (integers in [0, 2**31)); {resume}")
+    if max_epochs is not None and epoch + 1 > max_epochs:
+        raise ConfigError(f"ckpt_path={path} has trained {epoch + 1} epochs, more than trainer.max_epochs="
+                          f"{max_epochs}; set trainer.max_epochs to at least {epoch + 1} to continue it")
+    for key, tensor in state["state_dict"].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = "nan" if torch.isnan(tensor).any() else "inf"
+            raise ConfigError(f"ckpt_path={path} holds non-finite weights ({bad} in {key}); training "
+                              f"would only spread them: resume from an earlier checkpoint")

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.config.compose import config_hash, container, flatten
-from cnnlab.training.checks import checked
+from cnnlab.training.checks import check_batch_limits, checked
 from cnnlab.training.naming import overrides, run_directory, run_name, sweep_tags
 from cnnlab.vocabulary import TEST_METRICS
 
@@ -21,13 +21,25 @@ log = logging.getLogger("cnnlab")
 def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     """Train, test and track one run; return the best value of `checkpoint.monitor`.
 
-    `tags` are added to a new MLflow run (`cnnlab reproduce` links runs this way).
+    `tags` are added to a new MLflow run (`cnnlab reproduce` links runs this way). The run
+    directory is locked for the whole run: a second process on it stops with RunInUse.
     """
+    checked(cfg)  # bad input fails before a folder or a lock exists
+    from cnnlab.training.distributed import process_rank
+    from cnnlab.training.resume import run_directory_lock
+    from cnnlab.training.signals import handled
+
+    with run_directory_lock(run_directory(cfg, run_name(cfg, overrides())), held=process_rank() == 0), handled():
+        return _train(cfg, tags)
+
+
+def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     plan, data_cfg = checked(cfg)
     from cnnlab.data.sources import load_dataset
 
     runs = Path(cfg.paths.runs).resolve()
     data = load_dataset(data_cfg, Path(cfg.paths.cache), cfg.seed)
+    check_batch_limits(cfg.trainer, data_cfg, len(data.train_x), len(data.test_x))  # needs the data's size
 
     import lightning as L
     import torch
@@ -41,6 +53,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.module import Classifier
     from cnnlab.training.resume import open_run, resume_point
+    from cnnlab.training.signals import preemption_callback, record_stop
     from cnnlab.training.trainer import checkpoints, make_trainer, one_log_stream, torch_threads
 
     job_overrides = overrides()
@@ -82,6 +95,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     # (at Trainer construction); callers that train again in this process get it back as it was.
     deterministic_before = {"mode": torch.are_deterministic_algorithms_enabled(),
                             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
+    preemption = preemption_callback(run_dir / "checkpoints" / "last.ckpt", exact=data_cfg["pipeline"] == "memory")
     try:
         module = Classifier(network, container(cfg.optim), data_cfg["num_classes"],
                             channels_last=cfg.trainer.channels_last)
@@ -89,7 +103,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
         saved = checkpoints(cfg, run_dir)
         history = EpochHistory(run_dir / "history.jsonl", tracker,
                                cfg.tracking.step_every if cfg.tracking.step_metrics else 0)
-        trainer = make_trainer(cfg, run_dir, [history, *saved])
+        trainer = make_trainer(cfg, run_dir, [history, *saved, preemption])
         if tracker and not tracker.has_params():  # a resumed run has its params already
             log_provenance(tracker)
             tracker.log_params({
@@ -119,8 +133,9 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
                 tracker.patiently(lambda: log_pytorch_model(tracker, network, datamodule, plan),
                                   "logging the model")
     except BaseException as error:
-        if tracker:  # with the tracking server away, it warns and leaves the run to resume
-            tracker.mark_failed(error, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        instead = record_stop(error, tracker, preemption)  # KILLED by a signal (then Interrupted), or FAILED
+        if instead is not None:
+            raise instead from error
         raise
     finally:
         torch.use_deterministic_algorithms(**deterministic_before)

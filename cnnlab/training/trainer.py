@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +56,47 @@ def checkpoints(cfg: DictConfig, run_dir: Path) -> list:
     return found
 
 
+def durable_checkpoint_io():
+    """Lightning's TorchCheckpointIO, writing each checkpoint beside its target and renaming it
+    into place only once it is complete and on disk.
+
+    Lightning's own save writes a temporary file in TMPDIR and `shutil.move`s it over the target.
+    When TMPDIR is on another file system than the run directory (a tmpfs /tmp, a cluster node's
+    local /tmp under a shared runs/), that move is a copy *into* last.ckpt: the previous checkpoint
+    is truncated first, and a kill or a full disk during the copy leaves neither the old nor the
+    new one. Here the old file stays whole until os.replace swaps in the new one, fsync'd first
+    (so a power cut cannot leave a renamed but empty file either)."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class DurableCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            import torch
+
+            if storage_options is not None:
+                raise TypeError("cnnlab's checkpoint writer takes no storage_options")
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.partial")
+            buffer = io.BytesIO()  # serialised first, as Lightning does: a failed write is a plain OSError
+            torch.save(checkpoint, buffer)
+            try:
+                with open(partial, "wb") as out:
+                    out.write(buffer.getbuffer())
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(partial, path)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)  # the rename itself, on disk
+            finally:
+                os.close(folder)
+
+    return DurableCheckpointIO()
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list):
     import lightning as L
 
@@ -68,6 +111,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list):
         enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
         logger=False,  # cnnlab logs epoch metrics itself (cnnlab.training.epoch_log)
         callbacks=callbacks,
+        plugins=[durable_checkpoint_io()],
         num_sanity_val_steps=0,  # Keras validates only after each epoch
         enable_model_summary=False,  # cnnlab prints its own, Keras-style
         default_root_dir=run_dir,
