@@ -219,6 +219,39 @@ def _signal_mid_epoch(runs: Path, signum: int, uninterrupted: Path) -> tuple[int
     return job.returncode, err.strip().splitlines()[-1]
 
 
+def test_sigterm_mid_epoch_in_this_process_resumes_exactly(tmp_path, monkeypatch):
+    """The fast version of the next test: SIGTERM sent to this process after batch 3 of 8 of
+    epoch 2 (in-process train(), no subprocess start-ups)."""
+    import os
+    import signal
+
+    from cnnlab.errors import Interrupted
+
+    cfg = [*TINY, "trainer.max_epochs=2", "data.n_train=256", "trainer.deterministic=true", "seed=5"]
+    train(compose([*cfg, f"paths.runs={tmp_path / 'whole'}"]))
+
+    def stop(self, outputs, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Classifier, "on_train_batch_end", stop, raising=False)
+        with pytest.raises(Interrupted, match="stopped by SIGTERM; the MLflow run is marked KILLED; a checkpoint "
+                                              "was written after batch 3 of 8 of epoch 2") as stopped:
+            train(compose([*cfg, f"paths.runs={tmp_path / 'cut'}"]))
+    assert stopped.value.signum == signal.SIGTERM
+    _, run = _only_run(tmp_path / "cut")
+    assert run.info.status == "KILLED" and run.data.tags["signal"] == "SIGTERM"
+    train(compose([*cfg, f"paths.runs={tmp_path / 'cut'}"]))
+    _, run = _only_run(tmp_path / "cut")
+    assert run.info.status == "FINISHED" and "signal" not in run.data.tags
+    a, b = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("val/loss", "train/loss"):
+        assert _metric_history(tmp_path / "cut", key) == _metric_history(tmp_path / "whole", key)
+
+
+@pytest.mark.slow  # two training processes: 32 s at load 3 on the shared machine
 def test_sigterm_mid_epoch_checkpoints_at_the_next_batch_and_the_rerun_finishes_the_run(tmp_path, uninterrupted):
     """SLURM's preemption (`--signal`), `kill`, `timeout`: SIGTERM once exited with status 0, printed
     nothing and left the run FAILED. Now: the batch in progress ends, last.ckpt is written there,
