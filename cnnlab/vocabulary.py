@@ -11,6 +11,9 @@ from __future__ import annotations
 
 # Logged once per epoch (MLflow step = epoch, 1-based), in the order the console prints them.
 EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best")
+# The learning rate each epoch trained with (the first param group's): logged with every epoch's
+# row, but not a result (no direction, not monitored, not compared by reproduce or compare).
+LEARNING_RATE = "train/lr"
 # Logged once, after fitting, for the checkpoint that was tested.
 TEST_METRICS = ("test/loss", "test/acc")
 # Seconds an epoch took; logged with every epoch's row, so its steps say which epochs MLflow has.

@@ -36,8 +36,10 @@ import lightning as L
 
 from cnnlab.tracking.store import is_unreachable, root_cause
 from cnnlab.training.artifacts import read_history, write_history
-from cnnlab.vocabulary import EPOCH_METRICS
+from cnnlab.vocabulary import EPOCH_METRICS, LEARNING_RATE
 from cnnlab.vocabulary import EPOCH_TIME as EPOCH_KEY
+
+LOGGED = (*EPOCH_METRICS, LEARNING_RATE)  # a history row's metrics, as MLflow gets them
 
 log = logging.getLogger("cnnlab")
 
@@ -55,6 +57,7 @@ class EpochHistory(L.Callback):
         self.away_since: float | None = None  # monotonic time the tracking server was found away
         self.last_try = 0.0
         self.sent: set[int] = set()  # epochs MLflow has, as far as this process knows
+        self.lr: float | None = None  # the first param group's learning rate as this epoch started
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.flush(up_to=trainer.current_epoch)
@@ -62,6 +65,10 @@ class EpochHistory(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.flush(up_to=trainer.current_epoch)
         self.started = time.perf_counter()
+        # The rate the epoch starts with: Lightning steps epoch schedulers after the last batch, before
+        # on_train_epoch_end, so read there it would be the next epoch's. (A per-step schedule such as
+        # onecycle changes it within the epoch; the row keeps the epoch's first.)
+        self.lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -74,6 +81,8 @@ class EpochHistory(L.Callback):
         epoch = trainer.current_epoch + 1  # 1-based, as Keras prints it
         row = {"epoch": epoch, "seconds": round(time.perf_counter() - self.started, 3)}
         row.update({k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics})
+        if self.lr is not None:
+            row[LEARNING_RATE] = self.lr
         rows = [r for r in read_history(self.path) if r["epoch"] < epoch] + [row]
         write_history(rows, self.path)
         text = "  ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS if k in row)
@@ -137,7 +146,7 @@ class EpochHistory(L.Callback):
         self.sent = logged
         for row in read_history(self.path):
             if row["epoch"] not in logged and (up_to is None or row["epoch"] <= up_to):
-                values = {k: row[k] for k in EPOCH_METRICS if k in row}
+                values = {k: row[k] for k in LOGGED if k in row}
                 self.tracker.log_metrics({**values, EPOCH_KEY: row["seconds"]}, step=row["epoch"], patient=False)
                 self.sent.add(row["epoch"])
 
