@@ -161,6 +161,7 @@ class Group:
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
 STRATEGY_EXAMPLES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "deepspeed", "single_device")
 
 
@@ -209,6 +210,9 @@ TRAINER = Group("trainer", {
     "limit_test_batches": Field(_batch_limit_ok, _BATCH_LIMIT, nullable=True),
     "gradient_clip_val": Field(lambda v: _is_number(v) and 0 <= v < math.inf, "null or a finite number >= 0",
                                nullable=True),
+    "gradient_clip_algorithm": Choice(GRADIENT_CLIP_ALGORITHMS, "norm: scale the gradients' total norm down to "
+                                      "gradient_clip_val | value: clamp each gradient to +-gradient_clip_val"),
+    "accumulate_grad_batches": Int(1, "batches whose gradients are summed before each optimizer step"),
     "enable_progress_bar": Flag(nullable=True, hint=" (a bar on a terminal)"),
     "threads": Int(1, "torch CPU threads; null: split the cores between parallel jobs", nullable=True),
     "compile": Choice(COMPILE_MODES, "torch.compile mode", nullable=True),
@@ -377,6 +381,14 @@ CHECKPOINT = Group("checkpoint", {
     "test": Choice(("last", "best"), "which weights test/* scores: the last epoch's or the best checkpoint's"),
 })
 
+EARLY_STOPPING = Group("early_stopping", {
+    "patience": Int(1, "epochs without improvement of monitor before training stops; null: off", nullable=True,
+                    unit="epochs"),
+    "monitor": Choice(MONITORS, "the metric followed (logged every epoch)"),
+    "mode": Choice(("min", "max")),
+    "min_delta": Number(0.0, doc="the least change that counts as an improvement"),
+})
+
 ABLATION = Group("ablation", {
     "question": Text("the question an experiment preset asks", nullable=True),
     "control": Text("the reference variant, e.g. kernels=[5]", nullable=True),
@@ -395,7 +407,8 @@ MODEL_COMMON = {
 # The top level of train.yaml, groups included.
 TOP = {"seed": Field(lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
        "ckpt_path": Text(nullable=True, hint=" (a .ckpt file to resume from)")}
-GROUPS = {group.name: group for group in (TRAINER, OPTIM, DATA, TRACKING, CHECKPOINT, PATHS, ABLATION)}
+GROUPS = {group.name: group for group in (TRAINER, OPTIM, DATA, TRACKING, CHECKPOINT, EARLY_STOPPING, PATHS,
+                                                ABLATION)}
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:

@@ -54,7 +54,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     from cnnlab.training.module import Classifier
     from cnnlab.training.resume import open_run, resume_point
     from cnnlab.training.signals import preemption_callback, record_stop
-    from cnnlab.training.trainer import checkpoints, make_trainer, one_log_stream, torch_threads
+    from cnnlab.training.trainer import checkpoints, early_stopping, make_trainer, one_log_stream, torch_threads
 
     job_overrides = overrides()
     name = run_name(cfg, job_overrides)
@@ -103,7 +103,8 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
         saved = checkpoints(cfg, run_dir)
         history = EpochHistory(run_dir / "history.jsonl", tracker,
                                cfg.tracking.step_every if cfg.tracking.step_metrics else 0)
-        trainer = make_trainer(cfg, run_dir, [history, *saved, preemption])
+        stopper = early_stopping(cfg)
+        trainer = make_trainer(cfg, run_dir, [history, *saved, *([stopper] if stopper else []), preemption])
         if tracker and not tracker.has_params():  # a resumed run has its params already
             log_provenance(tracker)
             tracker.log_params({
@@ -118,6 +119,12 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
             })
             tracker.set_tags({"device": str(trainer.strategy.root_device)})
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        if stopper is not None and stopper.stopped_epoch > 0:
+            # Lightning's stopped_epoch is 0-based; the tag is the last epoch trained, 1-based as history.jsonl.
+            log.info("early stopping: %s did not improve for %d epochs; stopped after epoch %d",
+                     cfg.early_stopping.monitor, cfg.early_stopping.patience, stopper.stopped_epoch + 1)
+            if tracker:
+                tracker.set_tags({"early_stopping.stopped_epoch": stopper.stopped_epoch + 1})
         # checkpoint.test=best: score the checkpoint selected on validation, once (its weights are
         # then the run's model); last: the weights after the last epoch, as the chapter does.
         trainer.test(module, datamodule=datamodule, verbose=False, weights_only=True,

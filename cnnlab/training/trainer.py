@@ -56,6 +56,18 @@ def checkpoints(cfg: DictConfig, run_dir: Path) -> list:
     return found
 
 
+def early_stopping(cfg: DictConfig):
+    """Lightning's EarlyStopping when early_stopping.patience is set, else None. Checked at the end of
+    the train epoch, as the checkpoints are saved, so the epoch it stops after has its last.ckpt."""
+    es = cfg.early_stopping
+    if es.patience is None:
+        return None
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    return EarlyStopping(monitor=es.monitor, mode=es.mode, patience=es.patience, min_delta=es.min_delta,
+                         check_on_train_epoch_end=True, strict=True, verbose=False)
+
+
 def durable_checkpoint_io():
     """Lightning's TorchCheckpointIO, writing each checkpoint beside its target and renaming it
     into place only once it is complete and on disk.
@@ -108,6 +120,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list):
         precision=t.precision, deterministic=t.deterministic, benchmark=t.benchmark,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches, gradient_clip_val=t.gradient_clip_val,
+        # Lightning refuses an algorithm without a value to clip at: null clips nothing either way.
+        gradient_clip_algorithm=t.gradient_clip_algorithm if t.gradient_clip_val is not None else None,
+        accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
         logger=False,  # cnnlab logs epoch metrics itself (cnnlab.training.epoch_log)
         callbacks=callbacks,
