@@ -396,6 +396,15 @@ CASES = [
     case("limit-val-batches-fraction-of-no-batch", ["trainer.limit_val_batches=0.5", "data.eval_batch_size=64"],
          "trainer.limit_val_batches=0.5 of the 1 val batches", outcome=NO_RUN),
     case("trainer-unknown-key", ["+trainer.max_epoch=3"], "unknown key 'trainer.max_epoch'", "max_epochs"),
+    case("accumulate-zero", ["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches",
+         "integer >= 1", "got 0"),
+    case("gradient-clip-algorithm-unknown", ["trainer.gradient_clip_algorithm=l3"],
+         "trainer.gradient_clip_algorithm", "norm, value", "'l3'"),
+    # early_stopping
+    case("early-stopping-patience-zero", ["early_stopping.patience=0"], "early_stopping.patience",
+         "null or an integer >= 1", "got 0"),
+    case("early-stopping-monitor-unknown", ["early_stopping.monitor=loss"], "early_stopping.monitor",
+         "train/loss", "val/loss", "'loss'"),
     # tracking
     case("tracking-uri-scheme", ["tracking.uri=ftp://host/store"], "scheme 'ftp'", "sqlite:///PATH",
          "http://HOST:PORT"),
@@ -589,8 +598,8 @@ def test_the_corpus_covers_every_config_group():
     ids = [param.id for param in CASES]
     assert len(ids) == len(set(ids)) >= 45
     for prefix in ("model-", "layers-", "data-", "folder-", "archive-", "optim-", "lr-", "epochs-",
-                   "accelerator-", "tracking-", "checkpoint-", "seed-", "top-level-", "ckpt-", "runs-",
-                   "disk-full-", "override-"):
+                   "accelerator-", "tracking-", "checkpoint-", "early-stopping-", "seed-", "top-level-", "ckpt-",
+                   "runs-", "disk-full-", "override-"):
         assert any(i.startswith(prefix) for i in ids), prefix
     assert {param.values[0].outcome for param in CASES} == {NOTHING, NO_RUN, FAILED}
 
