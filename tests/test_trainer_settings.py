@@ -56,6 +56,11 @@ def test_early_stopping_stops_and_tags_the_epoch(tmp_path):
     _, run = _run(tmp_path)
     assert run.info.status == "FINISHED"
     assert run.data.tags["early_stopping.stopped_epoch"] == "2"
+    # The same command again: the run is done (it stopped early), nothing more is trained.
+    train(_cfg(tmp_path, "trainer.max_epochs=5", "early_stopping.patience=1", "early_stopping.min_delta=1e9"))
+    assert [row["epoch"] for row in _history(tmp_path)] == [1, 2]
+    client, again = _run(tmp_path)
+    assert again.info.run_id == run.info.run_id
 
 
 def test_early_stopping_off_trains_every_epoch_and_sets_no_tag(tmp_path):

@@ -89,13 +89,17 @@ def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
 
 
 def already_complete(checkpoint: Path | None, max_epochs: int) -> float | None:
-    """The best monitored value, if this checkpoint already finished max_epochs; else None."""
+    """The best monitored value, if this checkpoint already finished max_epochs (or early stopping
+    ended it); else None."""
     import torch
 
     if checkpoint is None:
         return None
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if state["epoch"] + 1 < max_epochs:  # "epoch" is the 0-based index of the last one trained
+    # Early stopping that fired is saved in the checkpoint (the checkpoints run after it).
+    stopped = any(k.startswith("EarlyStopping") and s.get("stopped_epoch", 0) > 0
+                  for k, s in state.get("callbacks", {}).items())
+    if state["epoch"] + 1 < max_epochs and not stopped:  # "epoch": 0-based index of the last one trained
         return None
     if not state.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("is_last_batch", True):
         return None  # written mid-epoch (on SIGTERM): that epoch is not finished
