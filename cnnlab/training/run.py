@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.config.compose import config_hash, container, flatten
+from cnnlab.training import collector
 from cnnlab.training.checks import checked
 from cnnlab.training.naming import overrides, run_directory, run_name, sweep_tags
 from cnnlab.vocabulary import TEST_METRICS
@@ -103,6 +104,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
                 "data.source": data.source,
             })
             tracker.set_tags({"device": str(trainer.strategy.root_device)})
+        collector.resume()  # start-up's imports are done (cnnlab.training.collector)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         trainer.test(module, datamodule=datamodule, verbose=False)
         if tracker:
