@@ -64,6 +64,7 @@ def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = N
               tolerance: float | None = None) -> Reproduction:
     """Train the run's config again (with optional overrides) and compare every metric."""
     from cnnlab.config.compose import config_hash
+    from cnnlab.data.sources import user_cache_dir
     from cnnlab.training.run import train
 
     reader = Reader(uri)
@@ -73,7 +74,8 @@ def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = N
     name = original.data.tags.get("mlflow.runName", run_id)
     OmegaConf.set_struct(cfg, True)  # an override of a key the run did not have is an error
     cfg.merge_with(OmegaConf.from_dotlist([
-        f"paths.runs={runs}", f"paths.cache={runs / 'cache'}", "ckpt_path=null",
+        # This user's decode cache, not the one the logged config resolved to (another machine's).
+        f"paths.runs={runs}", f"paths.cache={user_cache_dir()}", "ckpt_path=null",
         f"tracking.uri={uri}", *(overrides or [])]))
     # Named by the config it trains: the same reproduction again is found, not repeated.
     cfg.tracking.run_name = f"reproduce-{name}-{config_hash(cfg)[:8]}"
