@@ -192,3 +192,13 @@ def test_max_pool_that_overlaps_or_pads_is_torch_own():
         reference = torch.nn.MaxPool2d(module.kernel_size, module.stride, module.padding,
                                        ceil_mode=module.ceil_mode)
         assert torch.equal(module(x), reference(x))
+
+
+def test_exported_network_pools_with_torch_own_op():
+    """The logged model (torch.export, pt2) holds aten.max_pool2d, not cnnlab's Python pooling."""
+    net = build(analyse(parse_layers(["conv:2:3:same", "maxpool:2", "flatten", "dense:3"]), (1, 8, 8))).eval()
+    x = torch.randn(2, 1, 8, 8)
+    exported = torch.export.export(net, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "aten.max_pool2d.default" in ops
+    assert torch.equal(exported.module()(x), net(x))

@@ -99,7 +99,10 @@ class MaxPool2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel, stride = _pair(self.kernel_size), _pair(self.stride or self.kernel_size)
         if (kernel != stride or _pair(self.padding) != (0, 0) or _pair(self.dilation) != (1, 1)
-                or self.ceil_mode or self.return_indices):
+                or self.ceil_mode or self.return_indices
+                # torch.compile and torch.export (the logged pt2 model) get torch's own op: a
+                # portable graph, and the compiler generates its own fast pooling.
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
             return super().forward(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _TileMax.apply(x, *kernel)
