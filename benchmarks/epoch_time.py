@@ -157,7 +157,7 @@ def whole_cnnlab(args, runs: Path, epochs: int, repeat: int) -> float:
                "trainer.enable_progress_bar=false",
                *([f"data.subset={args.subset}"] if args.subset else [])]
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, env=child_env())
+    subprocess.run(command, check=True, capture_output=True, env=child_env(), cwd=REPO)
     return time.perf_counter() - start
 
 

@@ -18,6 +18,18 @@ untimed run creates it), with a fresh run directory each time. The variants:
 The timeline runs the same command in a child process with timers around cnnlab's phases
 (and around every top-level import, so each phase says how much of it was importing);
 `--importtime` adds the child's `python -X importtime` totals per top-level package.
+
+Two parts of the wrap-up and start-up, each side by side in fresh processes:
+
+    python benchmarks/fixed_cost.py --parts --repeats 5
+        imports: `import torch, lightning, mlflow` with the garbage collector as Python leaves
+                 it vs as `cnnlab train` runs it (off during the imports, heap frozen at exit)
+        store:   opening an existing store under the lock vs skipping that (the marker)
+        model:   mlflow.pytorch.log_model of the baseline (pt2) with vs without MLflow's
+                 serving-input validation (a second call in the process: warm)
+
+`--before DIR` measures another checkout as well (for example the commit before a change,
+unpacked with `git archive COMMIT | tar -x -C DIR`), interleaved with this one.
 """
 
 from __future__ import annotations
@@ -35,7 +47,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 RUN = ["-m", "cnnlab.cli", "train", "data=synthetic", "trainer.max_epochs=1",
        "trainer.enable_progress_bar=false"]
 VARIANTS = {
@@ -46,18 +57,20 @@ VARIANTS = {
 }
 
 
-def environment() -> dict[str, str]:
+def environment(code: Path = REPO) -> dict[str, str]:
+    """The checkout `code`'s cnnlab and conf/ for the child processes."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("CNNLAB_CONF", str(REPO / "conf"))
+    env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
+    env["CNNLAB_CONF"] = str(code / "conf")
     return env
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall and CPU (user + sys) seconds of one fresh process, its children included."""
+    """Wall and CPU (user + sys) seconds of one fresh process, its children included. It runs
+    in the measured checkout: `python -m` puts the working folder first on sys.path."""
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, cwd=env["PYTHONPATH"].split(os.pathsep)[0])
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -69,30 +82,120 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 def compare(args) -> None:
+    checkouts = {"": REPO, **({"before: ": Path(args.before).resolve()} if args.before else {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        roots = {label: Path(tmp) / f"runs{i}" for i, label in enumerate(checkouts)}
+        for label, code in checkouts.items():  # creates each store; untimed
+            timed([*RUN, f"paths.runs={roots[label]}", "tracking.log_model=false"], environment(code))
+        cases = [(label, name) for label in checkouts for name in VARIANTS
+                 if not (label and name == "imports")]
+        results: dict[tuple[str, str], list[tuple[float, float]]] = {case: [] for case in cases}
+        for repeat in range(args.repeats):
+            shift = repeat % len(cases)
+            for label, name in cases[shift:] + cases[:shift]:
+                runs = roots[label]
+                shutil.rmtree(runs / "outputs", ignore_errors=True)  # a fresh run every time
+                argv = VARIANTS[name] + ([f"paths.runs={runs}"] if name != "imports" else [])
+                results[(label, name)].append(timed(argv, environment(checkouts[label])))
+            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+                f"{label}{name} {v[-1][0]:.2f} s" for (label, name), v in results.items()), flush=True)
+    print(f"\n1-epoch synthetic run, fresh process each, store existing; {args.repeats} repeats "
+          f"interleaved in rotating order" + (f"; before = {args.before}" if args.before else "") + "\n")
+    print("| what | median wall s | min-max wall s | median CPU s (user+sys) |")
+    print("|---|---|---|---|")
+    for (label, name), values in results.items():
+        walls = [w for w, _ in values]
+        cpus = [c for _, c in values]
+        print(f"| {label}{name} | {statistics.median(walls):.2f} | {min(walls):.2f}-{max(walls):.2f} "
+              f"| {statistics.median(cpus):.2f} |")
+    if args.before:
+        for name in VARIANTS:
+            if ("before: ", name) in results:
+                now = statistics.median(w for w, _ in results[("", name)])
+                then = statistics.median(w for w, _ in results[("before: ", name)])
+                print(f"{name}: after / before = {now / then:.3f}")
+
+
+PARTS = {
+    "imports, collector as Python leaves it": ["-c", "import torch, lightning, mlflow"],
+    "imports, collector as cnnlab runs it": [
+        "-c", "import gc; gc.disable(); import torch, lightning, mlflow; gc.freeze(); gc.enable()"],
+}
+STORE = """
+import sys, time
+from pathlib import Path
+import mlflow.store.tracking.sqlalchemy_store  # imported either way: not what is measured
+from mlflow.tracking import MlflowClient
+from cnnlab.tracking import store
+folder = Path(sys.argv[1]); uri = f"sqlite:///{folder / 'mlflow.db'}"
+if sys.argv[2] == "lock": (folder / ".mlflow.db.mlflow-opened").unlink(missing_ok=True)
+start = time.perf_counter()
+store.create_sqlite_store(uri, folder)  # opens under the lock unless the marker matches
+MlflowClient(tracking_uri=uri).get_experiment_by_name("Default")  # the run's first call
+print("SECONDS", time.perf_counter() - start)
+"""
+MODEL = """
+import sys, time, tempfile
+import mlflow, mlflow.pytorch, torch
+from mlflow.models import infer_signature
+from cnnlab.config.compose import compose
+from cnnlab.model.build import build
+from cnnlab.model.plan import model_plan
+net = torch.nn.Sequential(build(model_plan(compose([])).analysis, logits=True), torch.nn.Softmax(1)).eval()
+x = torch.rand(2, 3, 32, 32)
+with torch.no_grad():
+    signature = infer_signature(x.numpy(), net(x).numpy())
+mlflow.set_tracking_uri(f"sqlite:///{sys.argv[1]}/mlflow.db")
+client = mlflow.MlflowClient()
+found = client.get_experiment_by_name("parts")
+experiment = found.experiment_id if found else client.create_experiment(
+    "parts", artifact_location=f"file://{sys.argv[1]}/artifacts")
+def log(validate):
+    with mlflow.start_run(experiment_id=experiment):
+        start = time.perf_counter()
+        mlflow.pytorch.log_model(net, name="model", signature=signature, input_example=x.numpy(),
+                                 serialization_format="pt2",
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                 validate_serving_input=validate)
+        return time.perf_counter() - start
+log(True)  # the first call in a process pays imports and one-off set-up
+print("SECONDS", log(sys.argv[2] == "validate"))
+"""
+
+
+def seconds_printed(argv: list[str], env: dict[str, str]) -> float:
+    done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
+                          cwd=env["PYTHONPATH"].split(os.pathsep)[0])
+    if done.returncode != 0:
+        sys.exit(f"error: {' '.join(argv[:3])} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return float(next(x for x in done.stdout.splitlines() if x.startswith("SECONDS")).split()[1])
+
+
+def parts(args) -> None:
     env = environment()
     with tempfile.TemporaryDirectory() as tmp:
-        runs = Path(tmp)
-        store = [f"paths.runs={runs}"]
-        timed([*RUN, *store, "tracking.log_model=false"], env)  # creates the store; untimed
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
-        names = list(VARIANTS)
+        folder = Path(tmp)
+        from cnnlab.tracking.store import create_sqlite_store
+
+        create_sqlite_store(f"sqlite:///{folder / 'mlflow.db'}", folder)
+        cases = {**{name: (lambda argv=argv: timed(argv, env)[0]) for name, argv in PARTS.items()},
+                 "store: locked open (no marker)": lambda: seconds_printed(["-c", STORE, tmp, "lock"], env),
+                 "store: marker, no locked open": lambda: seconds_printed(["-c", STORE, tmp, "marker"], env),
+                 "log_model, serving input validated": lambda: seconds_printed(["-c", MODEL, tmp, "validate"], env),
+                 "log_model, not validated (cnnlab)": lambda: seconds_printed(["-c", MODEL, tmp, "skip"], env)}
+        results: dict[str, list[float]] = {name: [] for name in cases}
+        names = list(cases)
         for repeat in range(args.repeats):
             shift = repeat % len(names)
             for name in names[shift:] + names[:shift]:
-                shutil.rmtree(runs / "outputs", ignore_errors=True)  # a fresh run every time
-                argv = VARIANTS[name] + (store if name != "imports" else [])
-                results[name].append(timed(argv, env))
+                results[name].append(cases[name]())
             print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-                f"{k} {v[-1][0]:.2f} s" for k, v in results.items()), flush=True)
-    print(f"\n1-epoch synthetic run, fresh process each, store existing; {args.repeats} repeats "
-          f"interleaved in rotating order\n")
-    print("| what | median wall s | min-max wall s | median CPU s (user+sys) |")
-    print("|---|---|---|---|")
+                f"{k} {v[-1]:.3f} s" for k, v in results.items()), flush=True)
+    print(f"\n{args.repeats} repeats, interleaved in rotating order, a fresh process each\n")
+    print("| what | median s | min-max s |")
+    print("|---|---|---|")
     for name, values in results.items():
-        walls = [w for w, _ in values]
-        cpus = [c for _, c in values]
-        print(f"| {name} | {statistics.median(walls):.2f} | {min(walls):.2f}-{max(walls):.2f} "
-              f"| {statistics.median(cpus):.2f} |")
+        print(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f}-{max(values):.3f} |")
 
 
 # --------------------------------------------------------------------------- timeline (child)
@@ -187,7 +290,8 @@ def import_totals(path: Path, top: int = 14) -> list[tuple[str, float]]:
 
 
 def timeline(args) -> None:
-    env = environment()
+    code = Path(args.before).resolve() if args.before else REPO
+    env = environment(code)
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
         store = [f"paths.runs={runs}"]
@@ -202,7 +306,7 @@ def timeline(args) -> None:
         flags = ["-X", "importtime"] if args.importtime else []
         env["CNNLAB_BENCH_T0"] = repr(time.time())
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, *flags, __file__, "--child", *argv], env=env,
+        done = subprocess.run([sys.executable, *flags, str(Path(__file__).resolve()), "--child", *argv], env=env,
                               capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode != 0:
@@ -213,7 +317,7 @@ def timeline(args) -> None:
             log = runs / "importtime.txt"
             log.write_text(done.stderr)
             totals = import_totals(log)
-    print(f"one run: cnnlab {' '.join(RUN[3:] + args.overrides)}, store existing\n")
+    print(f"one run: cnnlab {' '.join(RUN[3:] + args.overrides)}, store existing, code {code}\n")
     print("| phase | starts at s | seconds | of which importing |")
     print("|---|---|---|---|")
     print(f"| interpreter start, harness ready | 0.00 | {result['ready']:.2f} | |")
@@ -231,15 +335,19 @@ def timeline(args) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2:])
+        child(sys.argv[2:])  # cnnlab from PYTHONPATH: the checkout being measured
         return
+    sys.path.insert(0, str(REPO))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeline", action="store_true", help="one run's phases instead")
+    parser.add_argument("--parts", action="store_true", help="imports, store check, model logging")
     parser.add_argument("--importtime", action="store_true", help="with --timeline: import totals")
+    parser.add_argument("--before", default=None, metavar="DIR",
+                        help="another checkout: measured too (--repeats), or instead (--timeline)")
     parser.add_argument("overrides", nargs="*", help="with --timeline: extra overrides")
     args = parser.parse_args()
-    timeline(args) if args.timeline else compare(args)
+    timeline(args) if args.timeline else parts(args) if args.parts else compare(args)
 
 
 if __name__ == "__main__":
