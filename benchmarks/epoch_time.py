@@ -1,22 +1,33 @@
-"""Seconds per epoch of the chapter's baseline: cnnlab (tracking on, off) vs a hand-written loop.
+"""Seconds per epoch of the chapter's baseline: cnnlab (tracking on, off) vs a hand-written loop,
+and whole-process seconds of `cnnlab train` vs the chapter's Keras program at 1, 3 and 5 epochs.
 
-All three run in this one process, interleaved (A B C, B C A, C A B ...), on the same
-data (CIFAR-10 copy, batch 32) and the same model, so the machine's noise
+Per epoch: all three run in this one process, interleaved (A B C, B C A, C A B ...), on the
+same data (CIFAR-10 copy, batch 32) and the same model, so the machine's noise
 hits them alike. Each repeat trains `--epochs` epochs and keeps the last
 epoch's time (the first pays one-off warm-up). An epoch is one pass over the
 training set plus one evaluation pass over the test set, for all three.
 
+Whole process (`--whole 1,3,5`): `python -m cnnlab.cli train` with its defaults (tracking on,
+the model logged) in a fresh process per run, against a store that already exists and a
+decode cache already filled, vs the Keras program in its own fresh process; interleaved in
+rotating order. Wall seconds from start to exit: imports, data, training, wrap-up.
+
     python benchmarks/epoch_time.py                     # full CIFAR-10 copy
     python benchmarks/epoch_time.py --subset 10000      # quicker
+    python benchmarks/epoch_time.py --whole ""          # per epoch only
 
 With a tensorflow-cpu venv at runs/tfvenv (see benchmarks/keras_baseline.py), the
 chapter's own Keras program runs in the same interleaving, on the same pixels.
+The first lines name the machine: CPU model, cores and SIMD flags from /proc/cpuinfo.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,13 +75,13 @@ def cnnlab_epoch(args, runs: Path, tracking: bool, repeat: int) -> tuple[float, 
 def hand_loop_epoch(args, runs: Path, repeat: int) -> tuple[float, float]:
     """What a researcher would write by hand: same model, same batches, no framework."""
     cfg = compose(overrides(args, runs, f"seed={repeat}"))
-    data = load_dataset(OmegaConf.to_container(cfg.data, resolve=True), runs / "cache", repeat)
+    data = load_dataset(OmegaConf.to_container(cfg.data, resolve=True), Path(cfg.paths.cache), repeat)
     torch.manual_seed(repeat)
     net = build(model_plan(cfg).analysis, logits=True)
     optimizer = make_optimizer(net.parameters(), dict(cfg.optim))
     # Passes are numbered 0, 1, ... as they start: the same (seed, epoch) order as cnnlab's.
     batches = TensorBatches(data.train_x, data.train_y, 32, shuffle=True, seed=repeat)
-    tests = TensorBatches(data.test_x, data.test_y, 1000)
+    tests = TensorBatches(data.test_x, data.test_y, cfg.data.eval_batch_size)
     for _ in range(args.epochs):
         start = time.perf_counter()
         net.train()
@@ -107,6 +118,99 @@ def keras_epoch(args, npz: Path, repeat: int) -> tuple[float, float]:
     return last["seconds"], last["val_accuracy"]
 
 
+SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+        "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16")
+
+
+def machine() -> str:
+    """CPU model, cores, cache and SIMD flags (/proc/cpuinfo), memory, Python and library versions."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    memory = ""
+    try:
+        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines()
+                      if x.startswith("MemTotal")).split()[1])
+        memory = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    import lightning
+
+    return (f"machine: {info.get('model name', platform.processor() or 'unknown CPU')} "
+            f"(vendor {info.get('vendor_id', '?')}, family {info.get('cpu family', '?')} model "
+            f"{info.get('model', '?')}), {os.cpu_count()} cores, cache {info.get('cache size', '?')}"
+            f"{memory}\nSIMD flags: {' '.join(f for f in SIMD if f in flags) or 'none found'}\n"
+            f"Python {platform.python_version()}, torch {torch.__version__}, lightning "
+            f"{lightning.__version__}, torch threads {torch.get_num_threads()}")
+
+
+def whole_cnnlab(args, runs: Path, epochs: int, repeat: int) -> float:
+    """`cnnlab train` as a user runs it (defaults: tracking on, model logged), one fresh process."""
+    shutil.rmtree(runs / "outputs", ignore_errors=True)  # a new run, not a resumed one
+    command = [sys.executable, "-m", "cnnlab.cli", "train", f"paths.runs={runs}",
+               f"data.archive={args.archive}", f"trainer.max_epochs={epochs}", f"seed={repeat}",
+               "trainer.enable_progress_bar=false",
+               *([f"data.subset={args.subset}"] if args.subset else [])]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, env=child_env(), cwd=REPO)
+    return time.perf_counter() - start
+
+
+def whole_keras(args, npz: Path, epochs: int, repeat: int) -> float:
+    command = [args.keras_python, str(REPO / "benchmarks" / "keras_baseline.py"), str(npz),
+               "--epochs", str(epochs), "--seed", str(repeat),
+               *(["--subset", str(args.subset)] if args.subset else [])]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def child_env() -> dict[str, str]:
+    """This checkout's cnnlab and conf/ for the `cnnlab` child processes."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("CNNLAB_CONF", str(REPO / "conf"))
+    return env
+
+
+def whole_process(args, runs: Path, npz: Path, keras: bool) -> None:
+    counts = [int(n) for n in args.whole.split(",") if n.strip()]
+    runs = runs / "whole"
+    # One untimed run creates the store (and fills the decode cache if it is empty).
+    whole_cnnlab(args, runs, 1, 0)
+    times: dict[tuple[str, int], list[float]] = {}
+    names = ["cnnlab train", *(["Keras program"] if keras else [])]
+    for repeat in range(args.repeats):
+        order = [(name, n) for n in counts for name in names]
+        shift = repeat % len(order)
+        for name, n in order[shift:] + order[:shift]:
+            seconds = (whole_cnnlab(args, runs, n, repeat) if name == "cnnlab train"
+                       else whole_keras(args, npz, n, repeat))
+            times.setdefault((name, n), []).append(seconds)
+        print(f"whole process, repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"{name} {n} ep {v[-1]:.1f} s" for (name, n), v in sorted(times.items(), key=lambda kv: kv[0][1])),
+            flush=True)
+    print(f"\nwhole process (fresh process each, store existing, decode cache filled; "
+          f"{args.repeats} repeats interleaved in rotating order)\n")
+    print("| epochs | cnnlab train median s (min-max) | Keras program median s (min-max) | cnnlab / Keras |")
+    print("|---|---|---|---|")
+    for n in counts:
+        ours = times[("cnnlab train", n)]
+        cells = [f"{statistics.median(ours):.1f} ({min(ours):.1f}-{max(ours):.1f})"]
+        if keras:
+            theirs = times[("Keras program", n)]
+            cells += [f"{statistics.median(theirs):.1f} ({min(theirs):.1f}-{max(theirs):.1f})",
+                      f"{statistics.median(ours) / statistics.median(theirs):.3f}"]
+        else:
+            cells += ["(no runs/tfvenv)", "-"]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     # The glibc malloc settings `cnnlab train` runs with (cnnlab/training/allocator.py), for every
     # contender alike: the hand loop and Keras run in this process or inherit its environment.
@@ -116,6 +220,8 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--whole", default="1,3,5",
+                        help="epoch counts for the whole-process comparison ('' to skip it)")
     parser.add_argument("--keras-python", default=str(REPO / "runs" / "tfvenv" / "bin" / "python"),
                         help="a python with tensorflow-cpu 2.21 (see benchmarks/keras_baseline.py); "
                              "the Keras row is skipped when it does not exist")
@@ -127,31 +233,32 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("cnnlab").setLevel(logging.WARNING)
     keras = Path(args.keras_python).is_file()
+    print(machine() + "\n", flush=True)
     times: dict[str, list[float]] = {"cnnlab, tracking on": [], "cnnlab, tracking off": [],
                                      "hand-written loop": [], **({KERAS: []} if keras else {})}
     accuracy: dict[str, list[float]] = {name: [] for name in times}
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = Path(tmp)
-        npz = runs / "cifar10.npz"
-        if keras:  # Keras trains on exactly cnnlab's decoded pixels
-            subprocess.run([sys.executable, str(REPO / "benchmarks" / "export_npz.py"), str(npz)], check=True,
-                           capture_output=True)
-        for repeat in range(args.repeats):
-            measures = {"cnnlab, tracking on": partial(cnnlab_epoch, args, runs, True, repeat),
-                        "cnnlab, tracking off": partial(cnnlab_epoch, args, runs, False, repeat),
-                        "hand-written loop": partial(hand_loop_epoch, args, runs, repeat)}
-            if keras:
-                measures[KERAS] = partial(keras_epoch, args, npz, repeat)
-            # The order rotates each repeat, so no contender always runs first (right after
-            # another process freed the cores) or last.
-            names = list(measures)
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:
-                seconds, acc = measures[name]()
-                times[name].append(seconds)
-                accuracy[name].append(acc)
-            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-                f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    tmp = tempfile.TemporaryDirectory()
+    runs = Path(tmp.name)
+    npz = runs / "cifar10.npz"
+    if keras:  # Keras trains on exactly cnnlab's decoded pixels
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "export_npz.py"), str(npz)], check=True,
+                       capture_output=True, env=child_env())
+    for repeat in range(args.repeats):
+        measures = {"cnnlab, tracking on": partial(cnnlab_epoch, args, runs, True, repeat),
+                    "cnnlab, tracking off": partial(cnnlab_epoch, args, runs, False, repeat),
+                    "hand-written loop": partial(hand_loop_epoch, args, runs, repeat)}
+        if keras:
+            measures[KERAS] = partial(keras_epoch, args, npz, repeat)
+        # The order rotates each repeat, so no contender always runs first (right after
+        # another process freed the cores) or last.
+        names = list(measures)
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds, acc = measures[name]()
+            times[name].append(seconds)
+            accuracy[name].append(acc)
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     hand = statistics.median(times["hand-written loop"])
     on, off = statistics.median(times["cnnlab, tracking on"]), statistics.median(times["cnnlab, tracking off"])
     n = args.subset or 50_000
@@ -169,6 +276,10 @@ def main() -> None:
     if keras:
         print(f"cnnlab (tracking on) / Keras:                         "
               f"{on / statistics.median(times[KERAS]):.3f}")
+    if args.whole.strip():
+        print(flush=True)
+        whole_process(args, runs, npz, keras)
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

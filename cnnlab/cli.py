@@ -15,9 +15,6 @@ import logging
 import os
 import sys
 
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
 from cnnlab.errors import BAD_INPUT, FAILED, ConfigError, TrainingError, fail
 
 USAGE = """cnnlab <command> [options] [hydra overrides...]
@@ -94,6 +91,8 @@ SQLITE_WRITE_ERRORS = ("database or disk is full", "disk I/O error", "attempt to
 
 def _failed_write(error: BaseException) -> str | None:
     """One line for an error whose cause is a refused write, or None for any other error."""
+    from hydra.errors import HydraException
+
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -272,11 +271,29 @@ TRAINING_COMMANDS = ("train", "reproduce", "audit")
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] and sys.argv[1] in TRAINING_COMMANDS:
+    """The console script's entry (argv None: this process is the command's own) and the
+    tests' (argv given)."""
+    own_process = argv is None
+    if own_process and sys.argv[1:2] and sys.argv[1] in TRAINING_COMMANDS:
+        # Before anything heavy is imported: the restart pays for nothing twice.
+        from cnnlab.training import collector
         from cnnlab.training.allocator import restart_with_settings
 
         restart_with_settings(["-m", "cnnlab.cli", *sys.argv[1:]])
-    argv = sys.argv[1:] if argv is None else argv
+        collector.defer()
+    try:
+        return _run(sys.argv[1:] if own_process else argv)
+    finally:
+        if own_process:
+            from cnnlab.training import collector
+
+            collector.before_exit()
+
+
+def _run(argv: list[str]) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

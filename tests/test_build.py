@@ -213,3 +213,48 @@ def test_zero_pad_shortcut_is_option_a():
     want = main + torch.cat([x[:, :, ::2, ::2], torch.zeros(2, 4, 3, 3, dtype=torch.float64)], dim=1)
     torch.testing.assert_close(net(x), want)
     assert torch.equal(block.shortcut(x)[:, 4:], torch.zeros(2, 4, 3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kernel", [2, 3, (2, 3), (1, 2), (3, 1)])
+@pytest.mark.parametrize("values", ["ties", "normal", "relu"])
+def test_tiled_max_pool_is_max_pool2d_exactly_gradients_and_ties_included(kernel, values):
+    """cnnlab's MaxPool2d (strided maxima where windows tile the input) against torch's own:
+    equal outputs and gradients, bit for bit; 'ties' has many equal values in a window, 'relu'
+    whole windows of zeros, and the odd sizes leave rows and columns outside every window."""
+    from cnnlab.model.build import MaxPool2d
+
+    gen = torch.Generator().manual_seed(len(values) * 7 + (kernel if isinstance(kernel, int) else sum(kernel)))
+    shape = (3, 4, 11, 10)
+    x = {"ties": torch.randint(0, 3, shape, generator=gen).float(),
+         "normal": torch.randn(shape, generator=gen),
+         "relu": torch.randn(shape, generator=gen).relu()}[values]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        ours, theirs = (x.clone().contiguous(memory_format=layout).requires_grad_(True) for _ in range(2))
+        out = MaxPool2d(kernel)(ours)
+        want = torch.nn.MaxPool2d(kernel)(theirs)
+        grad = torch.randn(want.shape, generator=gen)
+        out.backward(grad)
+        want.backward(grad)
+        assert torch.equal(out, want) and torch.equal(ours.grad, theirs.grad)
+        with torch.no_grad():
+            assert torch.equal(MaxPool2d(kernel)(x), want)
+
+
+def test_max_pool_that_overlaps_or_pads_is_torch_own():
+    from cnnlab.model.build import MaxPool2d
+
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    for module in (MaxPool2d(3, 2), MaxPool2d(2, 2, padding=1), MaxPool2d(2, ceil_mode=True)):
+        reference = torch.nn.MaxPool2d(module.kernel_size, module.stride, module.padding,
+                                       ceil_mode=module.ceil_mode)
+        assert torch.equal(module(x), reference(x))
+
+
+def test_exported_network_pools_with_torch_own_op():
+    """The logged model (torch.export, pt2) holds aten.max_pool2d, not cnnlab's Python pooling."""
+    net = build(analyse(parse_layers(["conv:2:3:same", "maxpool:2", "flatten", "dense:3"]), (1, 8, 8))).eval()
+    x = torch.randn(2, 1, 8, 8)
+    exported = torch.export.export(net, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "aten.max_pool2d.default" in ops
+    assert torch.equal(exported.module()(x), net(x))

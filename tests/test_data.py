@@ -179,6 +179,95 @@ def test_changed_image_invalidates_the_tree_cache(tmp_path):
     assert second.train_x[4, :, 3, 3].tolist() == [255, 0, 0]
 
 
+def _count_decodes(monkeypatch) -> list[str]:
+    decoded: list[str] = []
+    real = datasets._decode
+
+    def counting(raw, shown, channels):
+        decoded.append(shown)
+        return real(raw, shown, channels)
+
+    monkeypatch.setattr(datasets, "_decode", counting)
+    return decoded
+
+
+def _archive_cfg(runs: Path, archive: Path) -> tuple[dict, Path]:
+    """The data config and decode cache a run under paths.runs=runs gets by default."""
+    from cnnlab.config.compose import compose as compose_train
+
+    cfg = compose_train(["data=folder", f"data.archive={archive}", "data.shape=[3,8,8]",
+                         "data.num_classes=2", f"paths.runs={runs}"])
+    return OmegaConf.to_container(cfg.data, resolve=True), Path(cfg.paths.cache)
+
+
+def test_decode_cache_is_shared_by_runs_roots_and_rebuilt_when_the_archive_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    tree = write_tree(tmp_path / "tree")
+    archive = tar_tree(tree, tmp_path / "tree.tar.gz")
+    decoded = _count_decodes(monkeypatch)
+    cfg_a, cache_a = _archive_cfg(tmp_path / "runs-a", archive)
+    cfg_b, cache_b = _archive_cfg(tmp_path / "runs-b", archive)
+    assert cache_a == cache_b == tmp_path / "xdg" / "cnnlab"  # not under either paths.runs
+    first = load_dataset(cfg_a, cache_a, 0)
+    assert len(decoded) == 7  # 5 train + 2 test images
+    second = load_dataset(cfg_b, cache_b, 0)  # another runs root: no decoding
+    assert len(decoded) == 7 and "decoded cache" in second.source
+    assert second.fingerprint() == first.fingerprint()
+    # The archive changes (another image, so another size and mtime): decoded again.
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tree / "train" / "dog" / "001.png")
+    tar_tree(tree, archive)
+    third = load_dataset(cfg_b, cache_b, 0)
+    assert len(decoded) == 14 and "decoded cache" not in third.source
+    assert third.fingerprint() != first.fingerprint()
+    assert third.train_x[4, :, 3, 3].tolist() == [255, 0, 0]
+    assert len(list(cache_a.glob("*.pt"))) == 2  # one entry per archive version
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped bytes", "not a cache entry"])
+def test_a_corrupt_cache_entry_is_reported_in_one_line_and_decoded_again(tmp_path, monkeypatch, caplog, damage):
+    write_tree(tmp_path / "tree")
+    first = load(tree_cfg(tmp_path), tmp_path)
+    (entry,) = (tmp_path / "cache").glob("*.pt")
+    raw = entry.read_bytes()
+    if damage == "truncated":
+        entry.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flipped bytes":  # still a readable file: only the saved sha256 can tell
+        buffer = io.BytesIO()
+        saved = torch.load(entry, weights_only=True)
+        saved["train_x"][0, 0, 0, 0] ^= 1
+        torch.save(saved, buffer)
+        entry.write_bytes(buffer.getvalue())
+    else:
+        torch.save({"train_x": torch.zeros(1)}, entry)
+    decoded = _count_decodes(monkeypatch)
+    with caplog.at_level("WARNING", logger="cnnlab"):
+        again = load(tree_cfg(tmp_path), tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert str(entry) in warnings[0] and "decoding" in warnings[0]
+    assert decoded and torch.equal(again.train_x, first.train_x)
+    assert again.fingerprint() == first.fingerprint()
+    decoded.clear()
+    assert "decoded cache" in load(tree_cfg(tmp_path), tmp_path).source and not decoded  # rebuilt
+
+
+def test_parallel_loads_decode_once(tmp_path, monkeypatch):
+    """Two loaders wanting the same entry at once: one decodes, the other waits and reads it."""
+    import threading
+
+    write_tree(tmp_path / "tree")
+    decoded = _count_decodes(monkeypatch)
+    results: list[TensorData] = []
+    threads = [threading.Thread(target=lambda: results.append(load(tree_cfg(tmp_path), tmp_path)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and results[0].fingerprint() == results[1].fingerprint()
+    assert len(decoded) == 7  # the 7 images once, not twice
+
+
 def test_named_dataset_finds_a_matching_tree_and_skips_lookalikes(tmp_path):
     write_tree(tmp_path / "cifar100", per_class={"a": 1, "b": 1})  # must not match cifar10
     write_tree(tmp_path / "cifar10-png")

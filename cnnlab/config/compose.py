@@ -41,6 +41,15 @@ def slug(text: object, max_len: int = 120) -> str:
 OmegaConf.register_new_resolver("cnnlab_slug", slug, replace=True)
 
 
+def _user_cache() -> str:
+    from cnnlab.data.sources import user_cache_dir
+
+    return str(user_cache_dir())
+
+
+OmegaConf.register_new_resolver("cnnlab_user_cache", _user_cache, replace=True)
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
     """The composed (unresolved) config for these command-line overrides."""
     from hydra import compose as hydra_compose

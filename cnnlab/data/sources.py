@@ -20,6 +20,13 @@ the sorted folder names of train/. Decoding 60k JPEGs takes seconds, so decoded
 trees are cached in cache_dir, keyed by the source's file list (or the archive's
 path, size and mtime). Archives are read in memory, never extracted (unpacking 60k
 small files costs more than decoding them), and unsafe members are refused.
+
+The decode cache (`paths.cache`) is the user's, not a run root's: by default
+$XDG_CACHE_HOME/cnnlab or ~/.cache/cnnlab (`user_cache_dir`), so a fresh `paths.runs`
+does not decode the same archive again. One process decodes an entry while the others
+wait for it (a file lock); entries are written to a temporary file and renamed into
+place, and carry a sha256 of their tensors: a truncated or corrupt entry is reported in
+one warning and decoded again, never used.
 """
 
 from __future__ import annotations
@@ -65,7 +72,14 @@ _IDX_FILES = {  # split -> (images, labels), the names torchvision and Debian sh
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm",
                    ".pgm"}
 _FAST_SUFFIXES = {".png", ".jpg", ".jpeg"}  # torchvision decodes these ~3x faster than PIL
-_CACHE_VERSION = "1"  # bump when the cached layout or decoding changes
+_CACHE_VERSION = "2"  # bump when the cached layout or decoding changes (2: entries carry a sha256)
+
+
+def user_cache_dir() -> Path:
+    """Where decoded datasets are cached by default (paths.cache): $XDG_CACHE_HOME/cnnlab,
+    else ~/.cache/cnnlab. Shared by every paths.runs of this user."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base).expanduser().resolve() / "cnnlab"
 
 
 @dataclass(frozen=True)
@@ -81,12 +95,23 @@ class TensorData:
 
     def fingerprint(self) -> str:
         """First 16 hex digits of a sha256 over the shapes and bytes of the four tensors."""
-        digest = hashlib.sha256()
-        for tensor in (self.train_x, self.train_y, self.test_x, self.test_y):
-            array = tensor.detach().cpu().contiguous().numpy()
-            digest.update(f"{tuple(array.shape)}:{array.dtype};".encode())
-            digest.update(array.data)
-        return digest.hexdigest()[:16]
+        return self.sha256()[:16]
+
+    def sha256(self) -> str:
+        """The full digest behind `fingerprint`, computed once (the tensors never change)."""
+        if "_sha256" not in self.__dict__:
+            object.__setattr__(self, "_sha256", _digest(
+                (self.train_x, self.train_y, self.test_x, self.test_y)))
+        return self.__dict__["_sha256"]
+
+
+def _digest(tensors: Sequence[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{tuple(array.shape)}:{array.dtype};".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- entry point
@@ -393,13 +418,8 @@ def _from_tree(root: Path, name: str, shape: tuple[int, ...], cache_dir: Path) -
                         files.append((entry.path, entry.path))
             listing[split][folder.name] = files
     classes = _check_listing(listing, str(root))
-    cache = cache_dir / f"{name}-{key.hexdigest()[:16]}.pt"
-    if cache.is_file():
-        return _load_cache(cache, str(root))
-    data = _decode_listing(listing, classes, lambda path: Path(path).read_bytes(), shape,
-                           str(root))
-    _save_cache(cache, data)
-    return data
+    return _cached(cache_dir / f"{name}-{key.hexdigest()[:16]}.pt", str(root), lambda: _decode_listing(
+        listing, classes, lambda path: Path(path).read_bytes(), shape, str(root)))
 
 
 def _from_archive(path: Path, name: str, shape: tuple[int, ...], cache_dir: Path) -> TensorData:
@@ -408,16 +428,15 @@ def _from_archive(path: Path, name: str, shape: tuple[int, ...], cache_dir: Path
     stat = path.stat()
     key = hashlib.sha256(f"{_CACHE_VERSION}:{shape[0]}:{path.resolve()}:{stat.st_size}:"
                          f"{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = cache_dir / f"{name}-{key}.pt"
-    if cache.is_file():
-        return _load_cache(cache, str(path))
-    members = _read_archive(path)
-    prefix = _archive_root(members, path)
-    listing = _archive_listing(members, prefix, path)
-    classes = _check_listing(listing, f"{path}:{prefix.rstrip('/') or '.'}")
-    data = _decode_listing(listing, classes, members.__getitem__, shape, str(path))
-    _save_cache(cache, data)
-    return data
+
+    def decode() -> TensorData:
+        members = _read_archive(path)
+        prefix = _archive_root(members, path)
+        listing = _archive_listing(members, prefix, path)
+        classes = _check_listing(listing, f"{path}:{prefix.rstrip('/') or '.'}")
+        return _decode_listing(listing, classes, members.__getitem__, shape, str(path))
+
+    return _cached(cache_dir / f"{name}-{key}.pt", str(path), decode)
 
 
 def _read_archive(path: Path) -> dict[str, bytes]:
@@ -543,16 +562,71 @@ def _decode(raw: bytes, shown: str, channels: int) -> torch.Tensor:
     return image
 
 
-def _load_cache(cache: Path, source: str) -> TensorData:
+def _cached(cache: Path, source: str, decode: Callable[[], TensorData]) -> TensorData:
+    """The decoded entry `cache` if it is there and sound, else `decode()`, saved there.
+
+    One process decodes while others wanting the same entry wait on its lock, then read
+    what it saved. A cache folder that cannot be written costs decoding time, never the run."""
+    found = _load_cache(cache, source)
+    if found is not None:
+        return found
+    warned = cache.is_file()  # there, yet not used: _load_cache said why
+    from filelock import FileLock, Timeout
+
+    lock = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(cache) + ".lock", timeout=3600)
+        lock.acquire()
+    except OSError:
+        lock = None  # a folder that cannot be written: saving the entry will say so
+    except Timeout:
+        lock = None
+        log.warning("the decoded cache %s stayed locked by another process for an hour; "
+                    "decoding without it", cache)
+    try:
+        if lock is not None:  # another process may have decoded it while this one waited
+            found = _load_cache(cache, source, quiet=warned)
+            if found is not None:
+                return found
+        data = decode()
+        _save_cache(cache, data)
+        return data
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+def _load_cache(cache: Path, source: str, quiet: bool = False) -> TensorData | None:
+    """A cache entry whose tensors match the digest saved with them; None when there is none,
+    or (after one warning line, unless quiet) when it is truncated, corrupt or of another layout."""
+    import pickle
+    import zipfile
+
     import torch
 
+    if not cache.is_file():
+        return None
     try:
         saved = torch.load(cache, weights_only=True)
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ConfigError(f"decoded cache {cache} is unreadable ({err}); delete it and the "
-                          "next run decodes the images again") from err
-    return TensorData(saved["train_x"], saved["train_y"], saved["test_x"], saved["test_y"],
-                      list(saved["classes"]), f"{source} (decoded cache {cache.name})")
+        tensors = tuple(saved[k] for k in ("train_x", "train_y", "test_x", "test_y"))
+        if not all(isinstance(t, torch.Tensor) for t in tensors) or _digest(tensors) != saved["sha256"]:
+            raise ValueError("its tensors do not match the sha256 saved with them")
+        data = TensorData(*tensors, list(saved["classes"]), f"{source} (decoded cache {cache.name})")
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        if not quiet:
+            reason = _reason(error).split(". ")[0][:160]  # torch's own messages go on for lines
+            log.warning("decoded cache %s is unreadable or corrupt (%s); decoding %s again", cache,
+                        reason, source)
+        return None
+    object.__setattr__(data, "_sha256", saved["sha256"])  # just checked: the run's fingerprint
+    return data
 
 
 def _save_cache(cache: Path, data: TensorData) -> None:
@@ -565,14 +639,14 @@ def _save_cache(cache: Path, data: TensorData) -> None:
         fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
         os.close(fd)
         torch.save({"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x,
-                    "test_y": data.test_y, "classes": list(data.classes)}, tmp)
+                    "test_y": data.test_y, "classes": list(data.classes), "sha256": data.sha256()}, tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other runs and users read it too
         os.replace(tmp, cache)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
         # The cache only saves decoding time: a full or read-only cache folder costs the next
         # run a decode, not this run its data.
         log.warning("could not write the decoded cache %s (%s); the next run decodes again", cache,
-                    str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
+                    _reason(error))
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

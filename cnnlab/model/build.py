@@ -74,7 +74,76 @@ class PaddedConv2d(nn.Conv2d):
         return super().forward(F.pad(x, self.pads))
 
 
-class PaddedMaxPool2d(nn.MaxPool2d):
+def tile_max(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The max of each kh x kw tile (tiles side by side, rows and columns past the last whole
+    tile dropped, as max pooling with stride == kernel does): elementwise maxima of strided
+    views, which vectorise, where the CPU's max_pool2d walks each window with its index."""
+    ho, wo = x.shape[-2] // kh, x.shape[-1] // kw
+    rows = x[..., 0:ho * kh:kh, :wo * kw]
+    for i in range(1, kh):
+        rows = torch.maximum(rows, x[..., i:ho * kh:kh, :wo * kw])  # (..., Ho, Wo * kw)
+    out = rows[..., 0::kw]
+    for j in range(1, kw):
+        out = torch.maximum(out, rows[..., j::kw])
+    return out  # (..., Ho, Wo)
+
+
+class _TileMax(torch.autograd.Function):
+    """tile_max with max_pool2d's gradient: all of a tile's gradient goes to its first maximum
+    in row-major order (ties included), found again in backward from the saved input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+        out = tile_max(x, kh, kw)
+        ctx.save_for_backward(x, out)
+        ctx.kernel = (kh, kw)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, out = ctx.saved_tensors
+        kh, kw = ctx.kernel
+        ho, wo = out.shape[-2:]
+        grad_x = torch.zeros_like(x)
+        taken = None  # tiles whose first maximum has been found
+        for i in range(kh):
+            for j in range(kw):
+                at = (..., slice(i, ho * kh, kh), slice(j, wo * kw, kw))
+                wins = x[at] == out
+                if taken is None:
+                    taken = wins
+                else:
+                    wins = wins & ~taken
+                    taken |= wins
+                grad_x[at] = grad * wins
+        return grad_x, None, None
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d, faster where its windows tile the input (kernel == stride, no padding, no
+    dilation, floor mode; the chapter's MaxPool2D(2, 2) is one): 0.46 vs 0.92 ms forward and
+    backward on the baseline's (32, 6, 32, 32) at 1 thread (BENCHMARKS.md). The output and the
+    gradient are exactly max_pool2d's, ties included (tests/test_build.py); only a window holding
+    a NaN differs (its gradient is zero), and a NaN there makes the loss NaN, which stops a run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel, stride = _pair(self.kernel_size), _pair(self.stride or self.kernel_size)
+        if (kernel != stride or _pair(self.padding) != (0, 0) or _pair(self.dilation) != (1, 1)
+                or self.ceil_mode or self.return_indices
+                # torch.compile and torch.export (the logged pt2 model) get torch's own op: a
+                # portable graph, and the compiler generates its own fast pooling.
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            return super().forward(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _TileMax.apply(x, *kernel)
+        return tile_max(x, *kernel)
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class PaddedMaxPool2d(MaxPool2d):
     """MaxPool2d after -inf padding: a padded pixel never wins the max."""
 
     def __init__(self, *args, pads: tuple[int, int, int, int], **kwargs):
@@ -229,7 +298,7 @@ def pool_module(layer: LayerInfo, spec: Pool) -> nn.Module:
     sym_pad = (layer.padding[0], layer.padding[2])
     if spec.kind == "max":
         if symmetric:
-            return nn.MaxPool2d(spec.size, spec.stride, padding=sym_pad)
+            return MaxPool2d(spec.size, spec.stride, padding=sym_pad)
         return PaddedMaxPool2d(spec.size, spec.stride, pads=torch_pads(layer.padding))
     if symmetric:
         # count_include_pad=False divides by the real pixels, like TensorFlow.

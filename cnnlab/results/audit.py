@@ -50,7 +50,7 @@ def audit(overrides: list[str], runs: Path) -> dict:
     root = Path(runs).resolve() / "audit"
     root.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=root))
-    # paths.data and paths.cache default to ${paths.runs}/...: pin them to where the user's
+    # paths.data defaults to ${paths.runs}/data: pin it (and paths.cache) to where the user's
     # config finds its data, or moving paths.runs would hide the dataset.
     forced = ["trainer.accelerator=cpu", "trainer.deterministic=true", "tracking.log_model=false",
               f"paths.runs={_quoted(folder)}", f"paths.data={_quoted(Path(user.paths.data).resolve())}",

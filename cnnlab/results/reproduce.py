@@ -117,6 +117,7 @@ def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = N
               tolerance: float | None = None) -> Reproduction:
     """Train the run's config again (with optional overrides) and compare every metric and epoch."""
     from cnnlab.config.compose import config_hash
+    from cnnlab.data.sources import user_cache_dir
     from cnnlab.training.naming import run_directory
     from cnnlab.training.resume import RUN_ID_FILE
     from cnnlab.training.run import train
@@ -126,7 +127,8 @@ def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = N
     cfg = OmegaConf.create(reader.read_text(run_id, "config.yaml"))
     OmegaConf.set_struct(cfg, True)  # an override of a key the run did not have is an error
     cfg.merge_with(OmegaConf.from_dotlist([
-        f"paths.runs={runs}", f"paths.cache={runs / 'cache'}", "ckpt_path=null",
+        # This user's decode cache, not the one the logged config resolved to (another machine's).
+        f"paths.runs={runs}", f"paths.cache={user_cache_dir()}", "ckpt_path=null",
         f"tracking.uri={uri}", *(overrides or [])]))
     # Named by the original and the config it trains: the same reproduction again is found, not
     # repeated, and another original (or other overrides) never finds this one.

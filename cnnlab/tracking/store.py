@@ -169,12 +169,58 @@ def check_database_driver(uri: str) -> None:
 def create_sqlite_store(uri: str, folder: Path) -> None:
     """Open the SQLite store once under a file lock. MLflow creates (or upgrades) a store's
     schema when it first opens it; parallel jobs doing that at once on a new file corrupt the
-    migration (seen with 8 jobs: alembic's CircularDependencyError), so only one does it."""
+    migration (seen with 8 jobs: alembic's CircularDependencyError), so only one does it.
+
+    After a successful open, a marker beside the store records the MLflow version and the
+    store file's identity; while both still match, later runs skip the locked open (MLflow's
+    own open, in the run's client, still checks the schema and refuses an out-of-date one)."""
+    database = sqlite_path(uri)
+    marker = folder / f".{database.name}.mlflow-opened"
+    if store_stamp(database) is not None and _read(marker) == store_stamp(database):
+        return
     from filelock import FileLock
     from mlflow.tracking import MlflowClient
 
     with FileLock(str(folder / ".mlflow-store.lock"), timeout=300):
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        stamp = store_stamp(database)
+        if stamp is not None:
+            try:
+                _write_atomically(marker, stamp)
+            except OSError:
+                pass  # only a saving: the next run opens the store under the lock again
+
+
+def store_stamp(database: Path) -> str | None:
+    """MLflow's version and the store file's identity (device, inode): a new MLflow (whose
+    schema may be newer) or a replaced file invalidates a marker. None: no store file yet."""
+    from importlib.metadata import version
+
+    try:
+        stat = database.stat()
+    except OSError:
+        return None
+    return f"mlflow {version('mlflow')} file {stat.st_dev}:{stat.st_ino}"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def with_retries(action: Callable[[], T], attempts: int = 8, delay_s: float = 0.25) -> T:

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.config.compose import config_hash, container, flatten
+from cnnlab.training import collector
 from cnnlab.training.checks import check_batch_limits, checked
 from cnnlab.training.naming import overrides, run_directory, run_name, sweep_tags
 from cnnlab.vocabulary import TEST_METRICS
@@ -118,6 +119,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
                 "data.source": data.source,
             })
             tracker.set_tags({"device": str(trainer.strategy.root_device)})
+        collector.resume()  # start-up's imports are done (cnnlab.training.collector)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if stopper is not None and stopper.stopped_epoch > 0:
             # Lightning's stopped_epoch is 0-based; the tag is the last epoch trained, 1-based as history.jsonl.
