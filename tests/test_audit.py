@@ -20,8 +20,8 @@ def test_tiny_config_trains_identically_twice(tmp_path):
     assert result["verdict"] == "identical"
     assert result["metrics"]["max_abs_diff"] == 0.0 and result["weights"]["max_abs_diff"] == 0.0
     assert result["metrics"]["problem"] is None and result["weights"]["problem"] is None
-    # Something was compared: 2 epochs x 5 epoch metrics, and every tensor of the network.
-    assert result["metrics"]["values"] == 10 and result["weights"]["tensors"] >= 8
+    # Something was compared: 2 epochs x (5 epoch metrics + train/lr), and every tensor of the network.
+    assert result["metrics"]["values"] == 12 and result["weights"]["tensors"] >= 8
     assert result["determinism"] == {"trainer.deterministic": True, "torch_threads": torch.get_num_threads(),
                                      "seed": 3, "deterministic_algorithms": True}
     a, b = (Path(p) for p in result["runs"])
@@ -31,7 +31,7 @@ def test_tiny_config_trains_identically_twice(tmp_path):
     assert len((a / "history.jsonl").read_text().splitlines()) == 2
     assert torch.are_deterministic_algorithms_enabled() == before  # the process is left as it was
     text = audit_text(result)
-    assert "verdict: identical" in text and "max |a - b| = 0 over 10 values" in text
+    assert "verdict: identical" in text and "max |a - b| = 0 over 12 values" in text
     assert "seed 3" in text and "deterministic algorithms on" in text
 
 

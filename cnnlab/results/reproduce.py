@@ -80,17 +80,15 @@ def verdict(a: float, b: float, tolerance: float) -> str:
     return "within tolerance" if abs(a - b) <= tolerance else "DIFFERS"
 
 
-def _seed_spread(reader: Reader, original, metric: str) -> float | None:
-    """The sample std of `metric` over the seeds of the original's variant: runs of its
-    experiment with every trained param equal but the seed."""
+def _seed_values(reader: Reader, original) -> list[dict[str, float]]:
+    """The metrics of the original's variant over its seeds: finished runs of its experiment with
+    every trained param equal but the seed (reproductions left out)."""
     def trained(run) -> dict:
         return {k: v for k, v in run.data.params.items() if is_trained(k) and k != "seed"}
 
     own = trained(original)
     finished = reader.search([original.info.experiment_id], "attributes.status = 'FINISHED'")
-    values = [r.data.metrics[metric] for r in finished
-              if metric in r.data.metrics and "reproduces" not in r.data.tags and trained(r) == own]
-    return statistics.stdev(values) if len(values) >= SEEDS_FOR_SPREAD else None
+    return [r.data.metrics for r in finished if "reproduces" not in r.data.tags and trained(r) == own]
 
 
 def tolerances(reader: Reader, original, on_cpu: bool, given: float | None) -> tuple[dict[str, float], str]:
@@ -100,11 +98,12 @@ def tolerances(reader: Reader, original, on_cpu: bool, given: float | None) -> t
         return dict.fromkeys(ALL_METRICS, given), f"{given:g} (given)"
     if on_cpu:
         return dict.fromkeys(ALL_METRICS, 0.0), "0 (CPU, deterministic: identical expected)"
+    seeds = _seed_values(reader, original)
     out, spread_used = {}, False
     for metric in ALL_METRICS:
-        spread = _seed_spread(reader, original, metric)
-        if spread is not None:
-            out[metric], spread_used = SPREAD_MULTIPLE * spread, True
+        values = [m[metric] for m in seeds if metric in m]
+        if len(values) >= SEEDS_FOR_SPREAD:
+            out[metric], spread_used = SPREAD_MULTIPLE * statistics.stdev(values), True
         else:
             value = abs(original.data.metrics.get(metric, 0.0))
             out[metric] = RELATIVE_TOLERANCE["loss" if metric.endswith("loss") else "acc"] * value
