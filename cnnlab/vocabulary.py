@@ -41,6 +41,10 @@ CONTINUES_RUN = ("trainer.max_epochs",)
 DERIVED = ("model.total_params", "model.trainable_params", "model.macs", "model.receptive_field",
            "model.layers_expanded", "data.fingerprint", "data.source")
 REPLICATE = "seed"
+# Tags of runs that check another run rather than replicate it: compare leaves them out.
+REPRODUCES_TAG = "reproduces"  # = the run id reproduced (cnnlab reproduce)
+AUDIT_TAG = "audit"  # = which of the audit's two runs (cnnlab audit)
+CHECK_TAGS = (REPRODUCES_TAG, AUDIT_TAG)
 
 
 def _matches(key: str, rules: tuple[str, ...]) -> bool:

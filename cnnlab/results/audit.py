@@ -19,6 +19,7 @@ import torch
 
 from cnnlab.errors import ConfigError
 from cnnlab.training.artifacts import read_history
+from cnnlab.vocabulary import AUDIT_TAG
 
 # Set by the audit itself; overriding them would make it audit something else.
 OWNED = ("trainer.accelerator", "trainer.deterministic", "tracking.log_model", "tracking.run_name", "paths.runs")
@@ -61,7 +62,7 @@ def audit(overrides: list[str], runs: Path) -> dict:
         cfg = compose([*BUDGET, *overrides, *forced, f"tracking.run_name={name}"])
         # Tagged: an audit run is a check, not a replicate (compare leaves it out). train() puts
         # the process's deterministic-algorithms flag back afterwards.
-        train(cfg, tags={"audit": name})
+        train(cfg, tags={AUDIT_TAG: name})
         directories.append(run_directory(cfg, name))
     settings = {"trainer.deterministic": bool(cfg.trainer.deterministic),
                 "torch_threads": torch.get_num_threads(), "seed": int(cfg.seed),

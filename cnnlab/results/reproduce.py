@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.errors import ConfigError
 from cnnlab.tracking.reader import Reader
-from cnnlab.vocabulary import ALL_METRICS, EPOCH_METRICS, is_trained
+from cnnlab.vocabulary import ALL_METRICS, EPOCH_METRICS, REPRODUCES_TAG, is_trained
 
 # Tags whose difference would explain a mismatch.
 CONTEXT = {"mlflow.source.git.commit": "code version (git commit)", "git.dirty": "uncommitted changes",
@@ -88,7 +88,7 @@ def _seed_values(reader: Reader, original) -> list[dict[str, float]]:
 
     own = trained(original)
     finished = reader.search([original.info.experiment_id], "attributes.status = 'FINISHED'")
-    return [r.data.metrics for r in finished if "reproduces" not in r.data.tags and trained(r) == own]
+    return [r.data.metrics for r in finished if REPRODUCES_TAG not in r.data.tags and trained(r) == own]
 
 
 def tolerances(reader: Reader, original, on_cpu: bool, given: float | None) -> tuple[dict[str, float], str]:
@@ -132,7 +132,7 @@ def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = N
     # Named by the original and the config it trains: the same reproduction again is found, not
     # repeated, and another original (or other overrides) never finds this one.
     cfg.tracking.run_name = f"reproduce-{run_id[:12]}-{config_hash(cfg)[:8]}"
-    train(cfg, tags={"reproduces": run_id})
+    train(cfg, tags={REPRODUCES_TAG: run_id})
     new = reader.run((run_directory(cfg, cfg.tracking.run_name) / RUN_ID_FILE).read_text().strip())
     on_cpu = original.data.tags.get("device") == "cpu" == new.data.tags.get("device")
     limits, how = tolerances(reader, original, on_cpu, tolerance)

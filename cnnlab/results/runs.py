@@ -17,10 +17,7 @@ import pandas as pd
 
 from cnnlab.errors import ConfigError
 from cnnlab.tracking.reader import Reader
-from cnnlab.vocabulary import ALL_METRICS, EPOCH_TIME, is_knob
-
-# Tags that mark a run as a check of another run (reproduce, audit), not a replicate.
-CHECK_TAGS = ("reproduces", "audit")
+from cnnlab.vocabulary import ALL_METRICS, CHECK_TAGS, EPOCH_TIME, is_knob
 
 
 @dataclass
