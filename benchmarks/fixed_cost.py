@@ -28,6 +28,10 @@ Two parts of the wrap-up and start-up, each side by side in fresh processes:
         model:   mlflow.pytorch.log_model of the baseline (pt2) with vs without MLflow's
                  serving-input validation (a second call in the process: warm)
 
+    python benchmarks/fixed_cost.py --decode --repeats 2
+        the CIFAR-10 copy loaded with an empty decode cache (decoding 60,000 JPEGs) vs from
+        the cache a run under another paths.runs left (sha256 checked), a fresh process each
+
 `--before DIR` measures another checkout as well (for example the commit before a change,
 unpacked with `git archive COMMIT | tar -x -C DIR`), interleaved with this one.
 """
@@ -161,6 +165,41 @@ def log(validate):
 log(True)  # the first call in a process pays imports and one-off set-up
 print("SECONDS", log(sys.argv[2] == "validate"))
 """
+
+
+DECODE = """
+import sys, time
+from pathlib import Path
+from cnnlab.config.compose import compose, container
+from cnnlab.data.sources import load_dataset
+import torch, torchvision  # imported either way: not what is measured
+cfg = compose([f"data.archive={sys.argv[1]}", f"paths.runs={sys.argv[2]}", f"paths.cache={sys.argv[3]}"])
+start = time.perf_counter()
+data = load_dataset(container(cfg)["data"], Path(cfg.paths.cache), 0)
+data.fingerprint()  # what a run computes next: free when the cache's digest was checked
+print("SECONDS", time.perf_counter() - start)
+"""
+ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+
+
+def decode(args) -> None:
+    env = environment()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        results: dict[str, list[float]] = {"empty cache: decode": [], "cache filled by another runs root": []}
+        for repeat in range(args.repeats):
+            shutil.rmtree(cache, ignore_errors=True)
+            results["empty cache: decode"].append(
+                seconds_printed(["-c", DECODE, str(ARCHIVE), f"{tmp}/runs-a", str(cache)], env))
+            results["cache filled by another runs root"].append(
+                seconds_printed(["-c", DECODE, str(ARCHIVE), f"{tmp}/runs-b", str(cache)], env))
+            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+                f"{k} {v[-1]:.2f} s" for k, v in results.items()), flush=True)
+    print(f"\nCIFAR-10 copy ({ARCHIVE.name}), load_dataset + fingerprint, {args.repeats} repeats\n")
+    print("| what | median s | min-max s |")
+    print("|---|---|---|")
+    for name, values in results.items():
+        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f}-{max(values):.2f} |")
 
 
 def seconds_printed(argv: list[str], env: dict[str, str]) -> float:
@@ -342,12 +381,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeline", action="store_true", help="one run's phases instead")
     parser.add_argument("--parts", action="store_true", help="imports, store check, model logging")
+    parser.add_argument("--decode", action="store_true", help="CIFAR-10: decoding vs the shared cache")
     parser.add_argument("--importtime", action="store_true", help="with --timeline: import totals")
     parser.add_argument("--before", default=None, metavar="DIR",
                         help="another checkout: measured too (--repeats), or instead (--timeline)")
     parser.add_argument("overrides", nargs="*", help="with --timeline: extra overrides")
     args = parser.parse_args()
-    timeline(args) if args.timeline else parts(args) if args.parts else compare(args)
+    if args.timeline:
+        timeline(args)
+    elif args.parts:
+        parts(args)
+    elif args.decode:
+        decode(args)
+    else:
+        compare(args)
 
 
 if __name__ == "__main__":

@@ -578,12 +578,12 @@ def _cached(cache: Path, source: str, decode: Callable[[], TensorData]) -> Tenso
         cache.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(cache) + ".lock", timeout=3600)
         lock.acquire()
-    except OSError:
-        lock = None  # a folder that cannot be written: saving the entry will say so
-    except Timeout:
+    except Timeout:  # before OSError: filelock's Timeout is a TimeoutError, an OSError
         lock = None
         log.warning("the decoded cache %s stayed locked by another process for an hour; "
                     "decoding without it", cache)
+    except OSError:
+        lock = None  # a folder that cannot be written: saving the entry will say so
     try:
         if lock is not None:  # another process may have decoded it while this one waited
             found = _load_cache(cache, source, quiet=warned)

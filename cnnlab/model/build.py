@@ -121,8 +121,8 @@ class _TileMax(torch.autograd.Function):
 
 class MaxPool2d(nn.MaxPool2d):
     """nn.MaxPool2d, faster where its windows tile the input (kernel == stride, no padding, no
-    dilation, floor mode; the chapter's MaxPool2D(2, 2) is one): 0.46 vs 0.92 ms forward and
-    backward on the baseline's (32, 6, 32, 32) at 1 thread (BENCHMARKS.md). The output and the
+    dilation, floor mode; the chapter's MaxPool2D(2, 2) is one): 0.53 vs 0.95 ms forward and
+    backward on the baseline's (32, 6, 32, 32) at 1 thread (benchmarks/step_parts.py). The output and the
     gradient are exactly max_pool2d's, ties included (tests/test_build.py); only a window holding
     a NaN differs (its gradient is zero), and a NaN there makes the loss NaN, which stops a run."""
 

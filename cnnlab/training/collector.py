@@ -4,9 +4,9 @@ A run imports torch, Lightning, torchmetrics (which brings torchvision, torch._d
 scipy and matplotlib) and MLflow: about a million long-lived objects. With the collector's
 defaults, the imports alone trigger collection after collection that walk them all, and the
 interpreter's finalisation walks the whole heap again several times on the way out.
-Measured on the team's 2-core machine (`python -c "import torch, lightning, mlflow"`, BENCHMARKS.md):
-CPU 5.2-5.8 s with the defaults, 3.9-4.3 s with the collector off during the imports, and
-the exit after them 1.6-2.7 s, 0.23 s with the heap frozen first.
+Measured on the team's 2-core machine (`benchmarks/fixed_cost.py --parts`, BENCHMARKS.md):
+`import torch, lightning, mlflow` took 6.1 s to the process's exit with the defaults, 3.3 s
+with the collector off during the imports and the heap frozen before the exit.
 
 So `cnnlab`'s own process (not a caller of `train()` in its process: a test, a notebook)
 switches the collector off until training starts, then freezes what start-up left (it stays
