@@ -60,7 +60,7 @@ def test_artifacts_and_the_model_land_in_the_servers_artifact_store(served_run, 
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"summary.txt", "config.yaml", "weights.txt", "curves.png", "history.jsonl", "checkpoints"} <= names
+    assert {"summary.txt", "config.yaml", "curves.png", "history.jsonl", "checkpoints"} <= names
     ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert ckpts == {"checkpoints/best.ckpt", "checkpoints/last.ckpt"}
     # The server is shared with other test files: this run's folder only.

@@ -18,7 +18,7 @@ from cnnlab.model.plan import model_plan
 from cnnlab.train import train
 
 TINY = ["data=synthetic", "model=baseline", "model.widths=[4]", "model.dense=[8]",
-        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "seed=3"]
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "seed=3", "tracking.weights_txt=true"]
 
 
 def _cfg(runs: Path, *extra: str):

@@ -41,6 +41,16 @@ def slug(text: object, max_len: int = 120) -> str:
 OmegaConf.register_new_resolver("cnnlab_slug", slug, replace=True)
 
 
+def _fresh(name: str, fresh: bool, parent: str) -> str:
+    from cnnlab.training.naming import fresh_name
+
+    return fresh_name(str(name), bool(fresh), str(parent))
+
+
+# hydra.run.dir and hydra.sweep.subdir: with run.fresh=true a new folder beside the old run's.
+OmegaConf.register_new_resolver("cnnlab_fresh", _fresh, replace=True)
+
+
 def _user_cache() -> str:
     from cnnlab.data.sources import user_cache_dir
 

@@ -358,6 +358,14 @@ def _server_needs_uri(cfg: Mapping[str, Any]) -> None:
                           f"or MLFLOW_TRACKING_URI); for a local store use tracking=mlflow")
 
 
+def _system_metrics_need_psutil(cfg: Mapping[str, Any]) -> None:
+    import importlib.util
+
+    if cfg["system_metrics"] and importlib.util.find_spec("psutil") is None:
+        raise ConfigError("tracking.system_metrics=true needs psutil, which is not installed: "
+                          "pip install 'cnnlab[system-metrics]', or tracking.system_metrics=false")
+
+
 TRACKING = Group("tracking", {
     "enabled": Flag("track in MLflow"),
     # An empty MLFLOW_TRACKING_URI means unset, as null does.
@@ -372,7 +380,10 @@ TRACKING = Group("tracking", {
     "outage_wait_s": Number(0.0, unit="seconds"),
     "require_server": Flag("refuse the embedded store"),
     "parent": Text("a run id whose children a multirun's jobs become (cnnlab ablate)", nullable=True),
-}, rules=(_server_needs_uri, _tracking_uri_form))
+    "weights_txt": Field(lambda v: v == "auto" or isinstance(v, bool), "auto, true or false",
+                         "weights.txt: auto = only for the chapter's baseline model"),
+    "system_metrics": Flag("MLflow's system metrics monitor (needs psutil)"),
+}, rules=(_server_needs_uri, _tracking_uri_form, _system_metrics_need_psutil))
 
 CHECKPOINT = Group("checkpoint", {
     "monitor": Choice(MONITORS, "the metric the best checkpoint follows (logged every epoch)"),
@@ -394,6 +405,11 @@ ABLATION = Group("ablation", {
     "control": Text("the reference variant, e.g. kernels=[5]", nullable=True),
 })
 
+RUN = Group("run", {
+    "fresh": Flag("a new run beside the one this command trained before"),
+    "resume": Choice(("auto", "force"), "auto: refuse to continue a run into changed code | force: continue it"),
+})
+
 PATHS = Group("paths", {key: Text(hint=" (a folder)") for key in ("runs", "data", "cache")})
 
 INITS = ("keras", "torch")  # cnnlab.model.build's initialisations
@@ -408,7 +424,7 @@ MODEL_COMMON = {
 TOP = {"seed": Field(lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
        "ckpt_path": Text(nullable=True, hint=" (a .ckpt file to resume from)")}
 GROUPS = {group.name: group for group in (TRAINER, OPTIM, DATA, TRACKING, CHECKPOINT, EARLY_STOPPING, PATHS,
-                                                ABLATION)}
+                                                ABLATION, RUN)}
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:

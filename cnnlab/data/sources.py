@@ -138,6 +138,14 @@ def load_dataset(cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> TensorDa
     return data
 
 
+def dataset_profile(data: TensorData, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Split sizes as trained: images in train, validation and test, and the classes."""
+    n = len(data.train_x)
+    n_val = check_split(n, cfg["val_fraction"], data.source) if cfg["validation"] == "split" else 0
+    return {"train": n - n_val, "validation": n_val if n_val else "the test set", "test": len(data.test_x),
+            "classes": len(data.classes)}
+
+
 def check_split(n: int, fraction: float, source: str) -> int:
     """The held-out split must leave images on both sides. The DataModule that makes the split
     comes after the MLflow run is opened; this runs before it (from the config for synthetic

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +43,43 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+# The tags a rerun compares with its run's to tell whether the code or the packages changed since.
+DIFF_TAG = "git.diff.sha256"  # of `git diff HEAD`; "none" for a clean checkout
+CODE_TAGS = {"mlflow.source.git.commit": "git commit", DIFF_TAG: "uncommitted diff"}
+PACKAGE_TAGS = {f"version.{name}": name for name in ("torch", "lightning", "mlflow", "cnnlab")}
+
+# argv[0] -> the program as a user types it: `cnnlab train` runs Hydra with argv[0] "cnnlab-train",
+# `python -m cnnlab.cli` has the module's file there.
+_PROGRAMS = {"cnnlab-train": ["cnnlab", "train"], "cnnlab": ["cnnlab"], "cli.py": ["cnnlab"],
+             "train.py": ["cnnlab", "train"]}
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as typed, quoted so that it pastes into a shell: `cnnlab train 'model.kernels=[3,3]'`."""
+    argv = list(sys.argv if argv is None else argv)
+    program = _PROGRAMS.get(Path(argv[0]).name, [Path(argv[0]).name]) if argv else ["cnnlab"]
+    return shlex.join([*program, *argv[1:]])
+
+
+def _diff_digest(diff: str | None) -> str:
+    if diff is None:
+        return "unknown"
+    return hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else "none"
+
+
+def changes_since(recorded: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
+    """What differs between a run's recorded provenance tags and now, in words
+    ("git commit 3e314c9a1f -> 0677c99b2e", "torch 2.14.1 -> 2.15.0"). A tag the run does not
+    have (recorded before cnnlab kept it) is not compared."""
+    changes = []
+    for key, what in {**CODE_TAGS, **PACKAGE_TAGS}.items():
+        before, after = recorded.get(key), now.get(key)
+        if before is not None and before != after:
+            short = 10 if key == "mlflow.source.git.commit" else 16
+            changes.append(f"{what} {str(before)[:short]} -> {str(after)[:short]}")
+    return changes
+
+
 def provenance_tags() -> dict[str, str]:
     """Code version, environment and host: what a reader needs to trust a number."""
     import lightning
@@ -51,10 +91,12 @@ def provenance_tags() -> dict[str, str]:
 
     commit = _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
+    diff = _git("diff", "--no-ext-diff", "--no-textconv", "HEAD") if commit else None
     return {
         "mlflow.source.git.commit": commit or "unknown (not a git checkout)",
         "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        DIFF_TAG: _diff_digest(diff),
+        "command": command_line(),
         "version.cnnlab": cnnlab.__version__,
         "version.torch": torch.__version__,
         "version.lightning": lightning.__version__,

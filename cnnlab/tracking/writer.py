@@ -29,6 +29,10 @@ log = logging.getLogger("cnnlab")
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
 TOO_LONG = "(too long for an MLflow param: {n} characters; see the config.yaml artifact)"
+# MLflow 3's UI reads this experiment tag to tell a model-training experiment from a GenAI one
+# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT, whose first tab is the runs table).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 STOP_TAGS = {"error", "signal"}  # set when a run stops early; a resumed run clears them (error.txt stays)
 
 
@@ -73,6 +77,7 @@ class Tracker:
         self.probe_timeout_s = probe_timeout_s
         self.gave_up = False  # set when a wait ran out: the server is gone for this process
         self.is_server = urlparse(uri).scheme in SERVER_SCHEMES
+        self.system_monitor = None  # MLflow's SystemMetricsMonitor, while tracking.system_metrics runs
         if self.is_server:
             bound_http_retries()
 
@@ -123,18 +128,23 @@ class Tracker:
         return self.patiently(action, what) if patient else with_retries(action)
 
     def experiment_id(self, name: str, artifact_location: str | None = None) -> str:
-        """Get or create; a file lock stops parallel jobs racing to create the same one."""
+        """Get or create, marked a model-training experiment (EXPERIMENT_KIND_TAG; one made
+        before cnnlab set it gets it now); a file lock stops parallel jobs racing to create it."""
         from filelock import FileLock
 
         with FileLock(str(self.lock_path), timeout=60):
             found = self._call(lambda: self.client.get_experiment_by_name(name), "finding the experiment")
-            if found is not None:
-                if found.lifecycle_stage == "deleted":
-                    raise ConfigError(f"MLflow experiment '{name}' is deleted; restore it or "
-                                      f"choose another tracking.experiment")
-                return found.experiment_id
-            return self._call(lambda: self.client.create_experiment(
-                name, artifact_location=artifact_location), "creating the experiment")
+            if found is None:
+                return self._call(lambda: self.client.create_experiment(
+                    name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}),
+                    "creating the experiment")
+            if found.lifecycle_stage == "deleted":
+                raise ConfigError(f"MLflow experiment '{name}' is deleted; restore it or "
+                                  f"choose another tracking.experiment")
+            if EXPERIMENT_KIND_TAG not in found.tags:  # a kind the user chose in the UI is kept
+                self._call(lambda: self.client.set_experiment_tag(
+                    found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), "tagging the experiment")
+            return found.experiment_id
 
     def start(self, experiment: str, run_name: str, tags: Mapping[str, str],
               artifact_location: str | None = None) -> str:
@@ -164,16 +174,51 @@ class Tracker:
             self._call(lambda key=key: self.client.delete_tag(run_id, key), f"clearing the tag {key}")
         return True
 
-    def run_status(self, run_id: str) -> str | None:
-        """FINISHED, FAILED, RUNNING ...; None when the store does not have the run."""
+    def run(self, run_id: str):
+        """The stored run (status, tags ...); None when the store lost it or it is deleted."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self._call(lambda: self.client.get_run(run_id), "reading the run").info.status
+            run = self._call(lambda: self.client.get_run(run_id), "reading the run")
         except MlflowException as error:
             if is_unreachable(error):
                 raise
             return None
+        return None if run.info.lifecycle_stage == "deleted" else run
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any],
+                    contexts: tuple[str, ...] = ("train", "test")) -> None:
+        """The data as MLflow dataset inputs, one per context ("<name>/train" used for training,
+        "<name>/test" for testing), each with the data's fingerprint as digest (it covers both
+        splits: the data is hashed once per run) and `profile` (split sizes) as JSON."""
+        import json
+
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for context in contexts:
+            meta = MetaDataset(CodeDatasetSource({"source": source}), name=f"{name}/{context}", digest=digest)
+            fields = meta.to_dict()  # MetaDataset has no profile: the entity gets the split sizes
+            entity = Dataset(fields["name"], fields["digest"], fields["source_type"], fields["source"],
+                             profile=json.dumps(dict(profile)))
+            inputs.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        self._call(lambda: self.client.log_inputs(self.run_id, datasets=inputs), "logging the dataset")
+
+    def watch_system(self, resumed: bool = False) -> None:
+        """Start MLflow's system metrics monitor on this run (system/* every 10 s, a thread);
+        finish() and mark_failed() stop it."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
+        self.system_monitor.start()
+
+    def _stop_watching(self) -> None:
+        if self.system_monitor is not None:
+            monitor, self.system_monitor = self.system_monitor, None
+            monitor.finish()
 
     def has_params(self) -> bool:
         return bool(self._call(lambda: self.client.get_run(self.run_id), "reading the run").data.params)
@@ -217,6 +262,7 @@ class Tracker:
         self._call(lambda: self.client.log_text(self.run_id, text, name), f"logging {name}", patient)
 
     def finish(self, status: str = "FINISHED", patient: bool = True) -> None:
+        self._stop_watching()
         self._call(lambda: self.client.set_terminated(self.run_id, status=status),
                    f"marking the run {status}", patient)
 
@@ -224,6 +270,7 @@ class Tracker:
         """Record why the job stopped and end the run with `status`, without waiting for a
         server that is away: then the run is left as it is (a rerun resumes it) and a warning
         says so, and the job's own error is what the caller raises."""
+        self._stop_watching()
         if self.gave_up:
             log.warning("MLflow run %s is left open (the tracking server is away); the same command, "
                         "run again, resumes it", self.run_id)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -64,18 +66,36 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-RUN_FILES = ("summary.txt", "summary.json", "config.yaml", "weights.txt", "curves.png",
-             "history.jsonl")
+RUN_FILES = ("summary.txt", "summary.json", "config.yaml", "curves.png", "history.jsonl")
+WEIGHTS_FILE = "weights.txt"  # only where tracking.weights_txt asks for it (wants_weights_txt)
+BASELINE_MODEL = "baseline"  # conf/model/baseline.yaml: the chapter's model, which dumped weights.txt
 
 
-def write_run_files(run_dir: Path, plan, network: nn.Module, config_yaml: str) -> None:
+def wants_weights_txt(setting: bool | str, model: Mapping[str, Any]) -> bool:
+    """tracking.weights_txt: true, false, or auto = only for the chapter's baseline model exactly as
+    conf/model/baseline.yaml defines it (the chapter's dump; 2.9 MB of text for its 198k weights,
+    more for bigger models, and a variant's weights are in its checkpoints anyway)."""
+    if setting != "auto":
+        return bool(setting)
+    from omegaconf import OmegaConf
+
+    from cnnlab.config.compose import CONF_DIR
+
+    baseline = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{BASELINE_MODEL}.yaml"))
+    return dict(model) == baseline
+
+
+def write_run_files(run_dir: Path, plan, network: nn.Module, config_yaml: str, weights_txt: bool = True) -> None:
     """Everything a finished run leaves in its directory, besides checkpoints."""
     from cnnlab.model.summary import summary_dict, summary_text
 
     (run_dir / "summary.txt").write_text(summary_text(plan) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary_dict(plan), indent=2) + "\n")
     (run_dir / "config.yaml").write_text(config_yaml)
-    write_weights(network, run_dir / "weights.txt")
+    if weights_txt:
+        write_weights(network, run_dir / WEIGHTS_FILE)
+    else:  # one a resumed run wrote before, with the setting on, is not this run's last word
+        (run_dir / WEIGHTS_FILE).unlink(missing_ok=True)
     plot_curves(read_history(run_dir / "history.jsonl"), run_dir / "curves.png", plan.name)
 
 
@@ -83,6 +103,8 @@ def log_run_files(tracker, run_dir: Path) -> None:
     """The run directory's files, Hydra's .hydra/ and the best/last checkpoints, to MLflow."""
     for name in RUN_FILES:
         tracker.log_artifact(run_dir / name)
+    if (run_dir / WEIGHTS_FILE).is_file():
+        tracker.log_artifact(run_dir / WEIGHTS_FILE)
     if (run_dir / ".hydra").is_dir():
         tracker.log_artifact(run_dir / ".hydra", "hydra")
     for name in ("best.ckpt", "last.ckpt"):

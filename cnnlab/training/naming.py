@@ -38,12 +38,39 @@ def run_name(cfg: DictConfig, overrides: list[str]) -> str:
     return "-".join(parts)[:250]
 
 
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in MLflow (mlflow_tags.MLFLOW_RUN_NOTE)
+
+
+def run_description(cfg: DictConfig, name: str, overrides: list[str]) -> str:
+    """The run's description in MLflow (the note under its name): the preset's question, then
+    this run's variant, i.e. its name and the overrides that make it one."""
+    knobs = [o.lstrip("+~") for o in overrides if in_run_name(o.lstrip("+~").partition("=")[0])]
+    variant = f"Variant: {name}" + (f" ({', '.join(knobs)})" if knobs else "")
+    question = cfg.ablation.question
+    return f"{question}\n\n{variant}" if question else variant
+
+
 def run_directory(cfg: DictConfig, name: str) -> Path:
+    """The run's folder: Hydra's output dir in a Hydra app (conf/train.yaml names it, run.fresh
+    included), else runs/outputs/<experiment>/<name>. With run.fresh=true each call outside Hydra
+    picks a new folder: call it once per run."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.paths.runs) / "outputs" / slug(cfg.tracking.experiment) / slug(name)
+    parent = Path(cfg.paths.runs) / "outputs" / slug(cfg.tracking.experiment)
+    return parent / fresh_name(slug(name), bool(cfg.run.fresh), parent)
+
+
+def fresh_name(name: str, fresh: bool, parent: str | Path = "") -> str:
+    """`name`, or with run.fresh=true the first of name, name-2, name-3 ... that is not a folder in
+    `parent` yet: a new run beside the old one, which stays as it was."""
+    if not fresh or not (Path(parent) / name).exists():
+        return name
+    n = 2
+    while (Path(parent) / f"{name}-{n}").exists():
+        n += 1
+    return f"{name}-{n}"
 
 
 def sweep_tags(overrides: list[str]) -> dict[str, str]:

@@ -64,7 +64,11 @@ def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
     A run directory remembers its MLflow run: running the same command again continues
     that run (from last.ckpt, or from scratch if it died before its first checkpoint)
     instead of leaving a second one; a finished run that already has its epochs is done.
+    Either way one line says which run it is, its epochs and whether the code or the packages
+    changed since it started (`tags` hold the provenance of now). Continuing a run into changed
+    code is refused (run.resume=force allows it); run.fresh=true never gets here with a run.
     """
+    from cnnlab.tracking.provenance import changes_since
     from cnnlab.tracking.store import artifact_location, check_tracking, tracking_uri
     from cnnlab.tracking.writer import Tracker
 
@@ -75,17 +79,61 @@ def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
     tracker = Tracker(uri, runs, outage_wait_s=cfg.tracking.outage_wait_s, probe_timeout_s=cfg.tracking.timeout_s)
     id_file = run_dir / RUN_ID_FILE
     previous = id_file.read_text().strip() if id_file.is_file() else None
-    status = tracker.run_status(previous) if previous else None
-    done = already_complete(resume_from, cfg.trainer.max_epochs) if status == "FINISHED" else None
-    if done is not None:
-        log.info("run %s already trained %d epochs (MLflow run %s); raise trainer.max_epochs "
-                 "to continue it", name, cfg.trainer.max_epochs, previous)
-        return tracker, done
-    if status is None or not tracker.resume(previous):
-        tracker.start(cfg.tracking.experiment, name, tags=tags,
-                      artifact_location=artifact_location(uri, runs, cfg.tracking.experiment))
-        id_file.write_text(tracker.run_id)
+    found = tracker.run(previous) if previous else None
+    if found is not None:
+        changes = changes_since(found.data.tags, tags)
+        asked = cfg.trainer.max_epochs
+        done = already_complete(resume_from, asked) if found.info.status == "FINISHED" else None
+        if done is not None:
+            log.info("%s", finished_line(name, previous, epochs_done(resume_from), asked, changes))
+            return tracker, done
+        if changes and cfg.run.resume != "force":
+            raise ConfigError(refusal_line(name, previous, epochs_done(resume_from), asked, changes))
+        if tracker.resume(previous):
+            log.info("%s", resume_line(name, previous, epochs_done(resume_from), asked, changes))
+            return tracker, None
+    tracker.start(cfg.tracking.experiment, name, tags=tags,
+                  artifact_location=artifact_location(uri, runs, cfg.tracking.experiment))
+    id_file.write_text(tracker.run_id)
     return tracker, None
+
+
+FRESH_HINT = "run.fresh=true trains it again as a new run beside this one"
+
+
+def _changed(changes: list[str]) -> str:
+    return ("changed since: " + ", ".join(changes)) if changes else "code and packages unchanged since"
+
+
+def finished_line(name: str, run_id: str, done: int, asked: int, changes: list[str]) -> str:
+    """Found finished: nothing to do. Not an error even if the code changed (the run is whole)."""
+    hint = f"; {FRESH_HINT}" if changes else (f"; raise trainer.max_epochs to continue it, or {FRESH_HINT}")
+    return (f"run {name} (MLflow run {run_id}) already trained {done} epochs (asked: {asked}); "
+            f"{_changed(changes)}{hint}")
+
+
+def resume_line(name: str, run_id: str, done: int, asked: int, changes: list[str]) -> str:
+    forced = " (run.resume=force)" if changes else ""
+    return (f"resuming run {name} (MLflow run {run_id}) after {done} of {asked} epochs; "
+            f"{_changed(changes)}{forced}")
+
+
+def refusal_line(name: str, run_id: str, done: int, asked: int, changes: list[str]) -> str:
+    return (f"run {name} (MLflow run {run_id}) stopped after {done} of {asked} epochs and "
+            f"{_changed(changes)}; continuing it would mix two versions in one run: "
+            f"run.fresh=true starts a new run, run.resume=force continues this one anyway")
+
+
+def epochs_done(checkpoint: Path | None) -> int:
+    """Whole epochs a run-directory checkpoint holds (0 without one; one written mid-epoch, on
+    SIGTERM, holds the epochs before)."""
+    import torch
+
+    if checkpoint is None:
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    whole = state.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("is_last_batch", True)
+    return state["epoch"] + 1 if whole else state["epoch"]
 
 
 def already_complete(checkpoint: Path | None, max_epochs: int) -> float | None:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab.config.compose import config_hash, container, flatten
 from cnnlab.training import collector
 from cnnlab.training.checks import check_batch_limits, checked
-from cnnlab.training.naming import overrides, run_directory, run_name, sweep_tags
+from cnnlab.training.naming import DESCRIPTION_TAG, overrides, run_description, run_directory, run_name, sweep_tags
 from cnnlab.vocabulary import TEST_METRICS
 
 log = logging.getLogger("cnnlab")
@@ -30,13 +30,14 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     from cnnlab.training.resume import run_directory_lock
     from cnnlab.training.signals import handled
 
-    with run_directory_lock(run_directory(cfg, run_name(cfg, overrides())), held=process_rank() == 0), handled():
-        return _train(cfg, tags)
+    run_dir = run_directory(cfg, run_name(cfg, overrides()))  # once: with run.fresh=true each call is a new one
+    with run_directory_lock(run_dir, held=process_rank() == 0), handled():
+        return _train(cfg, tags, run_dir)
 
 
-def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
+def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path) -> float:
     plan, data_cfg = checked(cfg)
-    from cnnlab.data.sources import load_dataset
+    from cnnlab.data.sources import dataset_profile, load_dataset
 
     runs = Path(cfg.paths.runs).resolve()
     data = load_dataset(data_cfg, Path(cfg.paths.cache), cfg.seed)
@@ -49,7 +50,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     from cnnlab.model.build import build
     from cnnlab.model.summary import summary_text
     from cnnlab.tracking.provenance import log_provenance, provenance_tags
-    from cnnlab.training.artifacts import log_pytorch_model, log_run_files, write_run_files
+    from cnnlab.training.artifacts import log_pytorch_model, log_run_files, wants_weights_txt, write_run_files
     from cnnlab.training.distributed import prepare_strategy, process_rank
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.module import Classifier
@@ -59,7 +60,6 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
 
     job_overrides = overrides()
     name = run_name(cfg, job_overrides)
-    run_dir = run_directory(cfg, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = resume_point(cfg, run_dir)
 
@@ -85,6 +85,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
             **provenance_tags(), "overrides": " ".join(job_overrides) or "(none)", "seed": cfg.seed,
             "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
             "config.hash": config_hash(cfg), "data.fingerprint": fingerprint,
+            DESCRIPTION_TAG: run_description(cfg, name, job_overrides),
             **sweep_tags(job_overrides), **(tags or {})}, resume_from)
         if done is not None:
             return done
@@ -98,6 +99,8 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
                             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
     preemption = preemption_callback(run_dir / "checkpoints" / "last.ckpt", exact=data_cfg["pipeline"] == "memory")
     try:
+        if tracker and cfg.tracking.system_metrics:
+            tracker.watch_system()
         module = Classifier(network, container(cfg.optim), data_cfg["num_classes"],
                             channels_last=cfg.trainer.channels_last)
         datamodule = TensorDataModule(data, data_cfg, cfg.seed)
@@ -119,6 +122,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
                 "data.source": data.source,
             })
             tracker.set_tags({"device": str(trainer.strategy.root_device)})
+            tracker.log_dataset(data_cfg["name"], fingerprint, data.source, dataset_profile(data, data_cfg))
         collector.resume()  # start-up's imports are done (cnnlab.training.collector)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if stopper is not None and stopper.stopped_epoch > 0:
@@ -135,7 +139,8 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
             tracker.log_metrics({k: float(trainer.callback_metrics[k]) for k in TEST_METRICS},
                                 step=trainer.current_epoch)
         if rank_zero:
-            write_run_files(run_dir, plan, network, OmegaConf.to_yaml(cfg, resolve=True))
+            write_run_files(run_dir, plan, network, OmegaConf.to_yaml(cfg, resolve=True),
+                            wants_weights_txt(cfg.tracking.weights_txt, container(cfg.model)))
         if tracker:
             log_run_files(tracker, run_dir)
             if cfg.tracking.log_model:

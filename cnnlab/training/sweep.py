@@ -106,7 +106,7 @@ class MlflowSweep(Callback):
             return
         key = sweep_key(config)
         known = _parents(sweep_dir)
-        if key in known and tracker.resume(known[key]):
+        if key in known and not config.run.fresh and tracker.resume(known[key]):
             # The same sweep command again: its finished jobs are skipped, unfinished ones
             # resume from their checkpoints, all under the parent they had.
             (sweep_dir / PARENT_FILE).write_text(known[key])
