@@ -115,7 +115,7 @@ def tolerances(reader: Reader, original, on_cpu: bool, given: float | None) -> t
 def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = None,
               tolerance: float | None = None) -> Reproduction:
     """Train the run's config again (with optional overrides) and compare every metric and epoch."""
-    from cnnlab.config.compose import config_hash
+    from cnnlab.config.compose import compose, config_hash
     from cnnlab.data.sources import user_cache_dir
     from cnnlab.training.naming import run_directory
     from cnnlab.training.resume import RUN_ID_FILE
@@ -123,7 +123,10 @@ def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = N
 
     reader = Reader(uri)
     original = _original(reader, run_id)
-    cfg = OmegaConf.create(reader.read_text(run_id, "config.yaml"))
+    # Keys added to cnnlab since the run was logged (run.*, tracking.*: how a run is kept, not what is
+    # trained) take today's defaults; the logged config wins wherever it has the key.
+    cfg = OmegaConf.merge(OmegaConf.masked_copy(compose([]), ["run", "tracking"]),
+                          OmegaConf.create(reader.read_text(run_id, "config.yaml")))
     OmegaConf.set_struct(cfg, True)  # an override of a key the run did not have is an error
     cfg.merge_with(OmegaConf.from_dotlist([
         # This user's decode cache, not the one the logged config resolved to (another machine's).
