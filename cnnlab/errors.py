@@ -25,6 +25,11 @@ class RunInUse(ConfigError):
     one stops before touching the run (status 2); the other goes on undisturbed."""
 
 
+class CodeChanged(ConfigError):
+    """The run this command would continue began under other code or packages (run.resume=auto):
+    this one stops before touching it (status 2); in a sweep, no FAILED run is recorded for it."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a loss that is not finite). The MLflow run is marked FAILED,
     the last good checkpoint is kept, and the command line prints one `error:` line (exit 1)."""

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cnnlab.config.compose import CONF_DIR
-from cnnlab.errors import ConfigError, RunInUse, TrainingError, fail
+from cnnlab.errors import CodeChanged, ConfigError, RunInUse, TrainingError, fail
 from cnnlab.training.checks import refuse_object_overrides
 from cnnlab.training.naming import in_multirun
 from cnnlab.training.run import record_failure, train
@@ -30,8 +30,8 @@ def main(cfg: DictConfig) -> float:
         if not sweeping:
             sys.exit(fail(error))
         log.error("job failed: %s", error)  # a TrainingError's run is already marked FAILED
-        if isinstance(error, ConfigError) and not isinstance(error, RunInUse) and cfg.tracking.enabled:
-            record_failure(cfg, error)  # (a run in use belongs to the process training it)
+        if isinstance(error, ConfigError) and not isinstance(error, (RunInUse, CodeChanged)) and cfg.tracking.enabled:
+            record_failure(cfg, error)  # (a run in use, or one not continued, is left as it is)
     except Exception:
         if not sweeping:
             raise

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from cnnlab.errors import ConfigError, RunInUse
+from cnnlab.errors import CodeChanged, ConfigError, RunInUse
 from cnnlab.model.plan import ModelPlan
 
 log = logging.getLogger("cnnlab")
@@ -88,7 +88,7 @@ def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
             log.info("%s", finished_line(name, previous, epochs_done(resume_from), asked, changes))
             return tracker, done
         if changes and cfg.run.resume != "force":
-            raise ConfigError(refusal_line(name, previous, epochs_done(resume_from), asked, changes))
+            raise CodeChanged(refusal_line(name, previous, epochs_done(resume_from), asked, changes))
         if tracker.resume(previous):
             log.info("%s", resume_line(name, previous, epochs_done(resume_from), asked, changes))
             return tracker, None
