@@ -54,7 +54,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.module import Classifier
     from cnnlab.training.resume import open_run, resume_point
-    from cnnlab.training.signals import preemption_callback, record_stop
+    from cnnlab.training.signals import preemption_callback, record_stop, watch
     from cnnlab.training.trainer import checkpoints, early_stopping, make_trainer, one_log_stream, torch_threads
 
     job_overrides = overrides()
@@ -88,6 +88,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
             **sweep_tags(job_overrides), **(tags or {})}, resume_from)
         if done is not None:
             return done
+        watch(tracker)  # marked KILLED by the signal watchdog if a step holds off a signal too long
     log.info("run %s in %s%s, %d torch threads", name, run_dir,
              f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)", torch.get_num_threads())
     log.info("\n%s", summary_text(plan))
