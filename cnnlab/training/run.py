@@ -37,6 +37,9 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
 def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     plan, data_cfg = checked(cfg)
     from cnnlab.data.sources import load_dataset
+    from cnnlab.training.cpu_share import sample
+
+    started = sample()  # other processes' CPU use while this run starts: torch_threads
 
     runs = Path(cfg.paths.runs).resolve()
     data = load_dataset(data_cfg, Path(cfg.paths.cache), cfg.seed)
@@ -71,7 +74,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     if cfg.trainer.compile:
         network.compile(mode=cfg.trainer.compile)  # in place: parameter names stay the same
     prepare_strategy(str(cfg.trainer.strategy))
-    threads = torch_threads(cfg.trainer.threads)
+    threads = torch_threads(cfg.trainer.threads, started, cfg.trainer.deterministic)
     if threads:
         torch.set_num_threads(threads)
 
