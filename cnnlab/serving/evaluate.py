@@ -11,11 +11,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.errors import ConfigError
 from cnnlab.serving.load import LoadedRun
+
+if TYPE_CHECKING:
+    import torch
 
 # Artifacts go here in the run; evaluations on other data go to a subfolder named by the overrides.
 ARTIFACT_FOLDER = "evaluate"
@@ -47,8 +51,8 @@ class Evaluation:
 
 def evaluation_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The run's config with data overrides applied: `data.KEY=VALUE` changes the run's own data
-    config; `data=NAME` takes conf/data/NAME.yaml instead (the run's shape and classes still
-    apply: checked by `check_same_task`)."""
+    config; `data=NAME` takes conf/data/NAME.yaml instead. Either way the data must have the
+    run's shape and number of classes."""
     from cnnlab.config.compose import compose, container
     from cnnlab.config.schema import check_config
     from cnnlab.data.sources import user_cache_dir
@@ -57,7 +61,7 @@ def evaluation_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         if not override.startswith(("data.", "data=")):
             raise ConfigError(f"evaluate takes data overrides only (data.KEY=VALUE or data=NAME), "
                               f"got '{override}'")
-    cfg = copy.deepcopy(cfg)  # the loaded run's own stays as logged
+    run, cfg = cfg, copy.deepcopy(cfg)  # the loaded run's own stays as logged
     group = [o for o in overrides if o.startswith("data=")]
     keys = [o for o in overrides if not o.startswith("data=")]
     if group:
@@ -69,6 +73,7 @@ def evaluation_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         cfg.merge_with(OmegaConf.from_dotlist(keys))
     # This user's decode cache, not the one the logged config resolved to (as cnnlab reproduce).
     cfg.merge_with(OmegaConf.from_dotlist([f"paths.cache={user_cache_dir()}"]))
+    check_same_task(run, cfg.data)  # first: the schema's complaints about such data would hide it
     check_config(container(cfg))
     return cfg
 
@@ -82,30 +87,38 @@ def check_same_task(run: DictConfig, data: DictConfig) -> None:
                           f"was trained on {run.data.name}: shape {trained[0]}, {trained[1]} classes")
 
 
-def evaluate(loaded: LoadedRun, overrides: list[str]) -> tuple[Evaluation, list[int], list[int]]:
+def evaluate(loaded: LoadedRun, overrides: list[str]) -> tuple[Evaluation, torch.Tensor, torch.Tensor]:
     """The evaluation, the predicted labels and the true labels."""
-    from torchmetrics.functional.classification import (multiclass_accuracy, multiclass_confusion_matrix,
-                                                        multiclass_precision, multiclass_recall)
-
     from cnnlab.config.compose import container
     from cnnlab.data.sources import load_dataset
 
     cfg = evaluation_config(loaded.config, overrides)
-    check_same_task(loaded.config, cfg.data)
     data = load_dataset(container(cfg.data), Path(cfg.paths.cache), cfg.seed)
     if list(data.classes) != list(loaded.classes):
         raise ConfigError(f"data {data.source} has classes {list(data.classes)} but the run's network "
                           f"was trained on classes {list(loaded.classes)}")
     predicted = predict_labels(loaded, data.test_x, int(cfg.data.eval_batch_size))
-    target, k = data.test_y, len(loaded.classes)
-    confusion = multiclass_confusion_matrix(predicted, target, k)  # (true, predicted)
-    result = Evaluation(
-        loaded.run_id, data.source, list(loaded.classes),
+    return figures(predicted, data.test_y, loaded.classes, loaded.run_id, data.source), predicted, data.test_y
+
+
+def figures(predicted: torch.Tensor, target: torch.Tensor, classes: list[str], run_id: str,
+            source: str) -> Evaluation:
+    """Accuracy, per-class precision, recall and support, and the confusion matrix (torchmetrics)."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_confusion_matrix,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    k = len(classes)
+    confusion = multiclass_confusion_matrix(predicted, target, k)  # [true, predicted]
+    return Evaluation(
+        run_id, source, list(classes),
         float(multiclass_accuracy(predicted, target, k, average="micro")),
         multiclass_precision(predicted, target, k, average=None).tolist(),
         multiclass_recall(predicted, target, k, average=None).tolist(),
         confusion.sum(dim=1).tolist(), confusion.tolist())
-    return result, predicted.tolist(), target.tolist()
 
 
 def predict_labels(loaded: LoadedRun, images, batch_size: int):
