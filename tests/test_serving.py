@@ -24,8 +24,12 @@ from cnnlab.serving.evaluate import figures
 from cnnlab.serving.load import Preprocess
 from cnnlab.train import train
 
+# Two epochs, and the "best" checkpoint is the one with the highest val/loss (the first epoch, as the
+# loss falls), which the run tests: so the tested weights are not the last ones, and serving the
+# last ones by mistake shows.
 TINY = ["data=synthetic", "model=baseline", "model.widths=[4]", "model.dense=[8]", "data.n_train=64",
-        "data.n_test=32", "data.normalize=standardize", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+        "data.n_test=32", "data.normalize=standardize", "trainer.max_epochs=2", "checkpoint.test=best",
+        "checkpoint.monitor=val/loss", "checkpoint.mode=max", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "seed=5"]
 CLASSES = ["class0", "class1", "class2", "class3"]
 
@@ -65,12 +69,14 @@ def test_load_gives_the_tested_weights_in_eval_mode_and_the_class_names(run, loa
     runs, found, cfg, _ = run
     network, _, classes = loaded
     assert classes == CLASSES and not network.training
-    # checkpoint.test=last (the default): the weights of the run folder's last.ckpt, read here directly.
-    (ckpt,) = runs.glob("outputs/**/checkpoints/last.ckpt")
-    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    # checkpoint.test=best: the weights of the run folder's best.ckpt, read here directly, not last.ckpt's.
+    (best,) = runs.glob("outputs/**/checkpoints/best.ckpt")
+    (last,) = runs.glob("outputs/**/checkpoints/last.ckpt")
+    saved, other = (torch.load(path, weights_only=True)["state_dict"] for path in (best, last))
     state = network.state_dict()
     assert state.keys() == {k.removeprefix("network.") for k in saved if k.startswith("network.")}
     assert all(torch.equal(state[k], saved[f"network.{k}"]) for k in state)
+    assert not all(torch.equal(state[k], other[f"network.{k}"]) for k in state)
 
 
 def test_preprocess_feeds_the_network_exactly_what_training_fed_it(run, loaded):
@@ -221,6 +227,7 @@ def test_the_pyfunc_classifier_takes_uint8_images_and_matches_the_network(run, l
     model = mlflow.pyfunc.load_model(f"runs:/{found.info.run_id}/classifier")
     (spec,) = model.metadata.signature.inputs.inputs
     assert spec.type == np.dtype(np.uint8) and spec.shape == (-1, 16, 16, 3)
+    assert model.metadata.saved_input_example_info["type"] == "ndarray"
     images = _hwc(data.test_x)
     frame = model.predict(images)
     probabilities = _probabilities(loaded, images).double().numpy()
