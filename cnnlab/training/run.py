@@ -138,13 +138,19 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
         if tracker:
             tracker.log_metrics({k: float(trainer.callback_metrics[k]) for k in TEST_METRICS},
                                 step=trainer.current_epoch)
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         if rank_zero:
-            write_run_files(run_dir, plan, network, OmegaConf.to_yaml(cfg, resolve=True))
+            write_run_files(run_dir, plan, network, config_yaml, data.classes)
         if tracker:
             log_run_files(tracker, run_dir)
             if cfg.tracking.log_model:
                 tracker.patiently(lambda: log_pytorch_model(tracker, network, datamodule, plan),
                                   "logging the model")
+                from cnnlab.serving.pyfunc import log_pyfunc_model
+
+                example = data.test_x[:2].permute(0, 2, 3, 1).numpy()  # (2, H, W, C) uint8, as served
+                tracker.patiently(lambda: log_pyfunc_model(tracker, network, config_yaml, data.classes, example),
+                                  "logging the classifier")
     except BaseException as error:
         instead = record_stop(error, tracker, preemption)  # KILLED by a signal (then Interrupted), or FAILED
         if instead is not None:
