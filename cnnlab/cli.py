@@ -152,10 +152,10 @@ def _comparison_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _comparison_args(args: argparse.Namespace) -> dict:
-    run = _is_run_id(args.target)
-    return {"parent": args.target if run else None, "experiment": None if run else args.target,
-            "metric": args.metric, "reference": args.reference, "all_pairs": args.all_pairs,
-            "effect": args.effect, "include_checks": args.include_checks}
+    from cnnlab.results.compare import target
+
+    return {**target(args.target), "metric": args.metric, "reference": args.reference,
+            "all_pairs": args.all_pairs, "effect": args.effect, "include_checks": args.include_checks}
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -165,15 +165,9 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _store(args) -> str:
-    from pathlib import Path
+    from cnnlab.tracking.store import existing_store
 
-    from cnnlab.tracking.store import is_embedded, sqlite_path, tracking_uri
-
-    uri = args.uri or tracking_uri(None, Path(args.runs))
-    if is_embedded(uri) and not sqlite_path(uri).is_file():
-        raise ConfigError(f"no MLflow store at {sqlite_path(uri)}; train something first "
-                          f"or point --runs/--uri at a store")
-    return uri
+    return existing_store(args.runs, args.uri)
 
 
 def _reproduce(argv: list[str]) -> int:
@@ -195,10 +189,6 @@ def _reproduce(argv: list[str]) -> int:
                        args.tolerance)
     print(result.text())
     return FAILED if result.differs else 0
-
-
-def _is_run_id(target: str) -> bool:
-    return len(target) == 32 and all(c in "0123456789abcdef" for c in target)
 
 
 def _report(argv: list[str]) -> int:

@@ -1,0 +1,124 @@
+"""The Python API (cnnlab.train, summary, compare): the README's example runs as written, its
+Result agrees with the MLflow store, the run's log reaches the caller's stdout, a finished run is
+returned again without training, and bad input fails as the command does, before any write."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import cnnlab
+from cnnlab.api import override_list
+from cnnlab.cli import main
+from cnnlab.errors import ConfigError
+from cnnlab.training.result import Result
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_python() -> str:
+    (block,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return block
+
+
+def _run_readme(folder: Path) -> tuple[dict, str]:
+    """The README's block, run in `folder` (its runs/ lands there) with stdout captured."""
+    namespace: dict = {}
+    out = io.StringIO()
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(_readme_python(), str(README), "exec"), namespace)
+    finally:
+        os.chdir(before)
+    return namespace, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def readme_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api")
+    first, printed = _run_readme(folder)
+    again, printed_again = _run_readme(folder)  # the notebook cell run twice: nothing trained again
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'runs' / 'mlflow.db'}")
+    return first["result"], printed, again["result"], printed_again, client
+
+
+def test_the_readme_example_returns_what_the_store_holds(readme_run):
+    result, _, _, _, client = readme_run
+    assert isinstance(result, Result)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert Path(run.data.tags["run_dir"]) == result.run_dir and (result.run_dir / "history.jsonl").is_file()
+    epochs = int(run.data.params["trainer.max_epochs"])
+    assert [row["epoch"] for row in result.history] == list(range(1, epochs + 1))
+    stored = run.data.metrics
+    assert result.metrics["test/acc"] == pytest.approx(stored["test/acc"])
+    assert result.metrics["test/loss"] == pytest.approx(stored["test/loss"])
+    val_loss = client.get_metric_history(result.run_id, "val/loss")
+    best = min(val_loss, key=lambda m: (m.value, m.step))
+    assert result.metrics["best/val/loss"] == pytest.approx(best.value) == pytest.approx(result.score)
+    assert result.metrics["best/epoch"] == best.step
+    for key in ("train/loss", "val/acc"):  # each epoch's row is the value MLflow has at that step
+        by_step = {m.step: m.value for m in client.get_metric_history(result.run_id, key)}
+        assert {row["epoch"]: pytest.approx(row[key]) for row in result.history} == by_step
+
+
+def test_the_runs_log_reaches_the_callers_stdout(readme_run):
+    result, printed, *_ = readme_run
+    assert f"(MLflow run {result.run_id})" in printed  # the run's own log line, not only the print
+    epochs = len(result.history)
+    assert re.search(rf"^epoch {epochs}/{epochs}  train/loss \d", printed, flags=re.M)
+    assert re.search(r"^done: best val/loss = ", printed, flags=re.M)
+    assert "Trainable params: 269,722" in printed  # ResNet-20 (He et al.: 0.27M), from cnnlab.summary
+    assert re.search(r"^\s*all\s+1\s+0\s", printed, flags=re.M)  # cnnlab.compare: one variant, one seed
+
+
+def test_a_finished_run_asked_again_is_returned_not_trained(readme_run):
+    result, _, again, printed_again, client = readme_run
+    assert again == result  # run_id, run_dir, history, metrics, score
+    assert "already trained" in printed_again and not re.search(r"^epoch ", printed_again, flags=re.M)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert [r.info.run_id for r in client.search_runs(experiments)] == [result.run_id]
+    assert len(client.get_metric_history(result.run_id, "test/acc")) == 1  # not tested again
+
+
+@pytest.mark.parametrize("override", ["model.nosuchknob=1", "trainer.max_epochs=-1", "data=nosuchdata"])
+def test_bad_input_is_the_commands_error_before_any_write(override, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    argv = ["data=synthetic", override, f"paths.runs={runs}"]
+    with pytest.raises(ConfigError) as info:
+        cnnlab.train(argv)
+    assert main(["train", *argv]) == 2
+    assert capsys.readouterr().err == f"error: {info.value}\n"  # the same one line as `cnnlab train`
+    assert not runs.exists()
+
+
+def test_overrides_from_a_mapping_and_keywords():
+    mapping = {"model": "vgg", "model.widths": [8, 16, 32], "model.bn": False, "ckpt_path": None}
+    assert override_list(mapping, {"seed": 1}) == [
+        "model=vgg", "model.widths=[8,16,32]", "model.bn=false", "ckpt_path=null", "seed=1"]
+    text = cnnlab.summary(mapping)
+    assert "conv 32 3x3" in text and text == cnnlab.summary(["model=vgg", "model.widths=[8,16,32]", "model.bn=false"])
+    with pytest.raises(ConfigError, match="not a string|got the string"):
+        cnnlab.train("data=synthetic")
+    with pytest.raises(ConfigError, match="takes overrides only"):
+        cnnlab.train(["-m", "seed=0,1"])
+
+
+def test_import_is_cheap_and_train_stays_the_function():
+    code = ("import sys, cnnlab; cnnlab.__all__; "
+            "print([m for m in ('torch', 'lightning', 'mlflow', 'hydra') if m in sys.modules])")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    from cnnlab.train import main as hydra_app  # the submodule of the same name: imported, not in the way
+
+    assert callable(hydra_app) and cnnlab.train is cnnlab.api.train
+    assert sorted(cnnlab.__all__) == ["Result", "__version__", "compare", "summary", "train"]
