@@ -46,12 +46,18 @@ def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, **kw: Any)
     argv = override_list(overrides, kw)
     with _bad_input():
         from cnnlab.config.compose import compose
-        from cnnlab.training.checks import preflight
+        from cnnlab.training.checks import preflight, refuse_object_overrides
+        from cnnlab.training.distributed import starts_ranks_by_command
 
-        # The command's own checks: object overrides, the config and model, the output folder and
-        # the tracking store. Nothing is written before they pass.
-        preflight(argv)
+        refuse_object_overrides(argv)  # before anything composes them
         job = compose(argv, with_hydra=True)
+        if starts_ranks_by_command(str(job.trainer.strategy)):
+            raise ConfigError(f"trainer.strategy={job.trainer.strategy} starts each extra rank by running "
+                              f"the command again, and a Python session has no command to run: use "
+                              f"`cnnlab train` for it, or trainer.strategy=ddp_spawn (ddp_notebook in Jupyter)")
+        # The command's own checks: the config and model, the output folder and the tracking store.
+        # Nothing is written before they pass.
+        preflight(argv)
     from cnnlab.training.run import train as train_run
 
     with _as_hydra_job(job) as (cfg, in_hydra_app), _log_to_stdout(enabled=not in_hydra_app):
@@ -166,11 +172,16 @@ def _as_hydra_job(job: DictConfig) -> Iterator[tuple[DictConfig, bool]]:
 
 class _CurrentStdout(logging.StreamHandler):
     """Writes each line to sys.stdout as it is then: Jupyter replaces sys.stdout for every cell, and
-    a handler holding the stdout of its creation writes where nobody looks."""
+    a handler holding the stdout of its creation writes where nobody looks. Each line is the
+    message, after `warning: ` (`error: `) above INFO."""
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stdout  # (emit runs under the handler's lock)
         super().emit(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {text}"
 
 
 @contextmanager
@@ -182,7 +193,6 @@ def _log_to_stdout(enabled: bool) -> Iterator[None]:
         yield
         return
     handler = _CurrentStdout()
-    handler.setFormatter(logging.Formatter("%(message)s"))
     level = log.level
     if level == logging.NOTSET and log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)  # Python's default (WARNING) would drop the epoch lines

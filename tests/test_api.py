@@ -4,6 +4,7 @@ returned again without training, and bad input fails as the command does, before
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import os
@@ -29,6 +30,13 @@ def _readme_python() -> str:
     return block
 
 
+def _readme_train_overrides() -> list[str]:
+    """The overrides the README's block gives cnnlab.train."""
+    (call,) = [node for node in ast.walk(ast.parse(_readme_python()))
+               if isinstance(node, ast.Call) and ast.unparse(node.func) == "cnnlab.train"]
+    return ast.literal_eval(call.args[0])
+
+
 def _run_readme(folder: Path) -> tuple[dict, str]:
     """The README's block, run in `folder` (its runs/ lands there) with stdout captured."""
     namespace: dict = {}
@@ -49,11 +57,11 @@ def readme_run(tmp_path_factory):
     first, printed = _run_readme(folder)
     again, printed_again = _run_readme(folder)  # the notebook cell run twice: nothing trained again
     client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'runs' / 'mlflow.db'}")
-    return first["result"], printed, again["result"], printed_again, client
+    return first["result"], printed, again["result"], printed_again, client, folder
 
 
 def test_the_readme_example_returns_what_the_store_holds(readme_run):
-    result, _, _, _, client = readme_run
+    result, _, _, _, client, _ = readme_run
     assert isinstance(result, Result)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -83,12 +91,24 @@ def test_the_runs_log_reaches_the_callers_stdout(readme_run):
 
 
 def test_a_finished_run_asked_again_is_returned_not_trained(readme_run):
-    result, _, again, printed_again, client = readme_run
+    result, _, again, printed_again, client, _ = readme_run
     assert again == result  # run_id, run_dir, history, metrics, score
     assert "already trained" in printed_again and not re.search(r"^epoch ", printed_again, flags=re.M)
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert [r.info.run_id for r in client.search_runs(experiments)] == [result.run_id]
     assert len(client.get_metric_history(result.run_id, "test/acc")) == 1  # not tested again
+
+
+def test_the_command_finds_the_run_the_api_trained(readme_run, monkeypatch):
+    """cnnlab.train(OVERRIDES) is the run `cnnlab train OVERRIDES` makes: same folder, same MLflow run."""
+    result, *_, client, folder = readme_run
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the command sets it for Hydra
+    assert main(["train", *_readme_train_overrides()]) == 0
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert [r.info.run_id for r in client.search_runs(experiments)] == [result.run_id]
+    assert len(client.get_metric_history(result.run_id, "test/acc")) == 1  # found finished: not trained again
+    assert (result.run_dir / ".hydra" / "overrides.yaml").is_file()  # Hydra's app ran in the API's run folder
 
 
 @pytest.mark.parametrize("override", ["model.nosuchknob=1", "trainer.max_epochs=-1", "data=nosuchdata"])
@@ -121,4 +141,11 @@ def test_import_is_cheap_and_train_stays_the_function():
     from cnnlab.train import main as hydra_app  # the submodule of the same name: imported, not in the way
 
     assert callable(hydra_app) and cnnlab.train is cnnlab.api.train
-    assert sorted(cnnlab.__all__) == ["Result", "__version__", "compare", "summary", "train"]
+    assert {"Result", "compare", "summary", "train"} <= set(cnnlab.__all__)
+
+
+def test_ddp_that_runs_the_command_again_is_refused_before_any_write(tmp_path):
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp .*ddp_spawn"):
+        cnnlab.train(["trainer=ddp_cpu", "data=synthetic", f"paths.runs={runs}"])
+    assert not runs.exists()

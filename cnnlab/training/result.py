@@ -33,7 +33,7 @@ class Result:
     run_id: str | None
     run_dir: Path
     history: list[dict[str, Any]] = field(repr=False)
-    metrics: dict[str, float]
+    metrics: dict[str, float | int]
     score: float
 
 
@@ -43,7 +43,7 @@ def run_result(run_id: str | None, run_dir: Path, monitor: str, mode: str, score
     from cnnlab.training.artifacts import read_history  # (imports torch: only once a run exists)
 
     history = read_history(run_dir / "history.jsonl")
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | int] = {}
     rows = [row for row in history if monitor in row]
     if rows:
         pick = min if mode == "min" else max  # the first of equal values: ModelCheckpoint keeps the first
