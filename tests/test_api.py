@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -109,6 +110,22 @@ def test_the_command_finds_the_run_the_api_trained(readme_run, monkeypatch):
     assert [r.info.run_id for r in client.search_runs(experiments)] == [result.run_id]
     assert len(client.get_metric_history(result.run_id, "test/acc")) == 1  # found finished: not trained again
     assert (result.run_dir / ".hydra" / "overrides.yaml").is_file()  # Hydra's app ran in the API's run folder
+
+
+def test_untracked_run_from_a_mapping_and_keywords(tmp_path):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = cnnlab.train({"data": "synthetic", "data.n_train": 64, "data.n_test": 32, "model.widths": [4],
+                               "model.dense": [8], "trainer.max_epochs": 2, "tracking": "none",
+                               "paths.runs": tmp_path}, seed=5)
+    assert result.run_id is None and "(tracking off)" in out.getvalue()
+    rows = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
+    assert result.history == rows and [row["epoch"] for row in rows] == [1, 2]
+    assert re.findall(r"^epoch (\d)/2 ", out.getvalue(), flags=re.M) == ["1", "2"]
+    best = min(rows, key=lambda row: row["val/loss"])  # checkpoint.monitor=val/loss, mode=min
+    assert result.metrics["best/val/loss"] == best["val/loss"] == pytest.approx(result.score)
+    assert result.metrics["best/epoch"] == best["epoch"]
+    assert "seed=5" in result.run_dir.name.split(",")  # the keyword is an override like the others
 
 
 @pytest.mark.parametrize("override", ["model.nosuchknob=1", "trainer.max_epochs=-1", "data=nosuchdata"])
