@@ -113,8 +113,8 @@ def override_list(overrides: Sequence[str] | Mapping[str, Any] | None, kw: Mappi
         if not isinstance(item, str):
             raise ConfigError(f"an override must be a 'key=value' string, got {item!r} ({type(item).__name__})")
         if item.startswith("-") or item.lstrip("+~").startswith("hydra.mode"):
-            raise ConfigError(f"cnnlab.train trains one run and takes overrides only, not {item!r}; "
-                              f"run a sweep with `cnnlab train -m ...`")
+            raise ConfigError(f"cnnlab's Python API takes overrides only, not {item!r}, and trains one run "
+                              f"per call; run a sweep with `cnnlab train -m ...`")
     return found
 
 
