@@ -8,6 +8,7 @@ import ast
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 
 import cnnlab
@@ -119,6 +121,9 @@ def test_untracked_run_from_a_mapping_and_keywords(tmp_path):
                                "model.dense": [8], "trainer.max_epochs": 2, "tracking": "none",
                                "paths.runs": tmp_path}, seed=5)
     assert result.run_id is None and "(tracking off)" in out.getvalue()
+    # Nothing left behind in the process: no Hydra job, no handler, the logger's level as it was.
+    assert not HydraConfig.initialized()
+    assert logging.getLogger("cnnlab").handlers == [] and logging.getLogger("cnnlab").level == logging.NOTSET
     rows = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
     assert result.history == rows and [row["epoch"] for row in rows] == [1, 2]
     assert re.findall(r"^epoch (\d)/2 ", out.getvalue(), flags=re.M) == ["1", "2"]
