@@ -176,8 +176,8 @@ def matches(knob_values: dict[str, str], spec: str) -> bool:
     return True
 
 
-def is_run_id(target: str) -> bool:
-    return len(target) == 32 and all(c in "0123456789abcdef" for c in target)
+def is_run_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def target(name_or_run_id: str) -> dict[str, str | None]:
