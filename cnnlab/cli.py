@@ -155,10 +155,10 @@ def _comparison_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _comparison_args(args: argparse.Namespace) -> dict:
-    run = _is_run_id(args.target)
-    return {"parent": args.target if run else None, "experiment": None if run else args.target,
-            "metric": args.metric, "reference": args.reference, "all_pairs": args.all_pairs,
-            "effect": args.effect, "include_checks": args.include_checks}
+    from cnnlab.results.compare import target
+
+    return {**target(args.target), "metric": args.metric, "reference": args.reference,
+            "all_pairs": args.all_pairs, "effect": args.effect, "include_checks": args.include_checks}
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -168,9 +168,9 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _store(args) -> str:
-    from cnnlab.serving.load import store_uri
+    from cnnlab.tracking.store import existing_store
 
-    return store_uri(args.uri or args.runs)
+    return existing_store(args.runs, args.uri)
 
 
 def _reproduce(argv: list[str]) -> int:
@@ -192,10 +192,6 @@ def _reproduce(argv: list[str]) -> int:
                        args.tolerance)
     print(result.text())
     return FAILED if result.differs else 0
-
-
-def _is_run_id(target: str) -> bool:
-    return len(target) == 32 and all(c in "0123456789abcdef" for c in target)
 
 
 def _report(argv: list[str]) -> int:

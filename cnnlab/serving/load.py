@@ -34,14 +34,10 @@ log = logging.getLogger("cnnlab")
 def store_uri(runs: str | Path = "runs") -> str:
     """A tracking URI as given (sqlite:///..., http://...), or the store under a runs root, which
     must exist."""
-    from cnnlab.tracking.store import is_embedded, sqlite_path, tracking_uri
+    from cnnlab.tracking.store import existing_store
 
     text = str(runs)
-    uri = text if "://" in text else tracking_uri(None, Path(text))
-    if is_embedded(uri) and not sqlite_path(uri).is_file():
-        raise ConfigError(f"no MLflow store at {sqlite_path(uri)}; train something first "
-                          f"or point --runs/--uri at a store")
-    return uri
+    return existing_store(text, text if "://" in text else None)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """One tracked training run, top to bottom: check -> data -> open or resume the MLflow run ->
-fit (resuming if this run directory has a checkpoint) -> test -> artifacts -> the monitored
-metric, returned to the caller (a sweeper, a test)."""
+fit (resuming if this run directory has a checkpoint) -> test -> artifacts -> a Result (the MLflow
+run, the run folder, the epochs, the final metrics and the monitored value a sweeper gets)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ from cnnlab.config.compose import config_hash, container, flatten
 from cnnlab.training import collector
 from cnnlab.training.checks import check_batch_limits, checked
 from cnnlab.training.naming import overrides, run_directory, run_name, sweep_tags
+from cnnlab.training.result import Result, run_result
 from cnnlab.vocabulary import TEST_METRICS
 
 log = logging.getLogger("cnnlab")
 
 
-def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
-    """Train, test and track one run; return the best value of `checkpoint.monitor`.
+def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> Result:
+    """Train, test and track one run; return its Result (`.score`: the best value of
+    `checkpoint.monitor`, what the Hydra app returns to a sweeper).
 
     `tags` are added to a new MLflow run (`cnnlab reproduce` links runs this way). The run
     directory is locked for the whole run: a second process on it stops with RunInUse.
@@ -34,7 +36,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
         return _train(cfg, tags)
 
 
-def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
+def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
     plan, data_cfg = checked(cfg)
     from cnnlab.data.sources import load_dataset
     from cnnlab.training.cpu_share import sample
@@ -89,8 +91,10 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
             "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
             "config.hash": config_hash(cfg), "data.fingerprint": fingerprint,
             **sweep_tags(job_overrides), **(tags or {})}, resume_from)
-        if done is not None:
-            return done
+        if done is not None:  # a finished run: what it left behind, nothing trained again
+            stored = tracker.run_metrics()
+            return run_result(tracker.run_id, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode, done,
+                              {k: stored[k] for k in TEST_METRICS})
         watch(tracker)  # marked KILLED by the signal watchdog if a step holds off a signal too long
     log.info("run %s in %s%s, %d torch threads", name, run_dir,
              f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)", torch.get_num_threads())
@@ -135,9 +139,9 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
         # then the run's model); last: the weights after the last epoch, as the chapter does.
         trainer.test(module, datamodule=datamodule, verbose=False, weights_only=True,
                      ckpt_path="best" if cfg.checkpoint.test == "best" else None)
+        tested = {k: float(trainer.callback_metrics[k]) for k in TEST_METRICS}
         if tracker:
-            tracker.log_metrics({k: float(trainer.callback_metrics[k]) for k in TEST_METRICS},
-                                step=trainer.current_epoch)
+            tracker.log_metrics(tested, step=trainer.current_epoch)
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         if rank_zero:
             write_run_files(run_dir, plan, network, config_yaml, data.classes)
@@ -161,10 +165,10 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     if tracker:
         tracker.finish("FINISHED")
     score = saved[0].best_model_score
-    result = float(score) if score is not None else float(trainer.callback_metrics[cfg.checkpoint.monitor])
-    log.info("done: best %s = %.4f; test/acc = %.4f", cfg.checkpoint.monitor, result,
-             float(trainer.callback_metrics["test/acc"]))
-    return result
+    best = float(score) if score is not None else float(trainer.callback_metrics[cfg.checkpoint.monitor])
+    log.info("done: best %s = %.4f; test/acc = %.4f", cfg.checkpoint.monitor, best, tested["test/acc"])
+    return run_result(tracker.run_id if tracker else None, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode,
+                      best, tested)
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:
