@@ -66,7 +66,9 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-RUN_FILES = ("summary.txt", "summary.json", "config.yaml", "curves.png", "history.jsonl")
+# classes.json: the data's class names in label order, so a run's model is served without its data.
+CLASSES_FILE = "classes.json"
+RUN_FILES = ("summary.txt", "summary.json", "config.yaml", "curves.png", "history.jsonl", CLASSES_FILE)
 WEIGHTS_FILE = "weights.txt"  # only where tracking.weights_txt asks for it (wants_weights_txt)
 BASELINE_MODEL = "baseline"  # conf/model/baseline.yaml: the chapter's model, which dumped weights.txt
 
@@ -85,10 +87,12 @@ def wants_weights_txt(setting: bool | str, model: Mapping[str, Any]) -> bool:
     return dict(model) == baseline
 
 
-def write_run_files(run_dir: Path, plan, network: nn.Module, config_yaml: str, weights_txt: bool = True) -> None:
+def write_run_files(run_dir: Path, plan, network: nn.Module, config_yaml: str, classes: list[str],
+                    weights_txt: bool = True) -> None:
     """Everything a finished run leaves in its directory, besides checkpoints."""
     from cnnlab.model.summary import summary_dict, summary_text
 
+    (run_dir / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
     (run_dir / "summary.txt").write_text(summary_text(plan) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary_dict(plan), indent=2) + "\n")
     (run_dir / "config.yaml").write_text(config_yaml)

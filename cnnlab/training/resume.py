@@ -85,6 +85,7 @@ def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
         asked = cfg.trainer.max_epochs
         done = already_complete(resume_from, asked) if found.info.status == "FINISHED" else None
         if done is not None:
+            tracker.run_id = previous  # the finished run, read back but not reopened
             log.info("%s", finished_line(name, previous, epochs_done(resume_from), asked, changes))
             return tracker, done
         if changes and cfg.run.resume != "force":
