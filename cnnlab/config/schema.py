@@ -525,5 +525,6 @@ MODEL_REGISTERED = Group("model", {
     "name": Text("the registered name (cnnlab.register_model or an entry point in group cnnlab.models)",
                  nullable=True),
     "args": Field(lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
-                  "a mapping of keyword arguments, e.g. {width:32,depth:3}", "keyword arguments to the factory"),
+                  "null or a mapping of keyword arguments, e.g. {width:32,depth:3}", "keyword arguments to the factory",
+                  nullable=True),
 })
