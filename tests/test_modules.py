@@ -171,33 +171,50 @@ def test_an_entry_point_registers_a_factory(tmp_path, monkeypatch):
     sys.modules.pop("ep_models", None)
 
 
-def test_a_registered_module_trains_is_tracked_and_reproduces(tiny_factory, tmp_path):
-    from cnnlab.results.reproduce import reproduce
+def _train_tiny(runs: Path):
+    """One tracked epoch of the registered `tiny` on a little synthetic data; its MLflow run."""
     from cnnlab.train import train
-    from cnnlab.training.resume import check_checkpoint
 
-    runs = tmp_path / "runs"
     cfg = compose(["model=registered", "model.name=tiny", "model.args={width:4}", "data=synthetic",
                    "data.n_train=64", "data.n_test=32", "trainer.max_epochs=1", "trainer.accelerator=cpu",
                    "trainer.enable_progress_bar=false", "tracking.log_model=false", f"paths.runs={runs}"])
     train(cfg)
-    uri = f"sqlite:///{runs.resolve()}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs.resolve()}/mlflow.db")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return cfg, run
+
+
+def test_a_registered_module_trains_is_tracked_and_its_source_is_checked(tiny_factory, tmp_path):
+    from cnnlab.results.reproduce import reproduce
+    from cnnlab.training.resume import check_checkpoint
+
+    runs = tmp_path / "runs"
+    cfg, run = _train_tiny(runs)
     params, tags = run.data.params, run.data.tags
     assert run.info.status == "FINISHED"
     assert (params["model.total_params"], params["model.macs"]) == (str(3 * 4 * 9 + 4 + 16 + 20), str(16 * 16 * 108 + 16))
     assert "model.receptive_field" not in params and params["model.args.width"] == "4"
+    assert params["model.layers_expanded"] == "registered tiny(4, (3, 16, 16), width=4)"
     assert tags["model.source_sha256"] == hashlib.sha256(tiny_factory.read_bytes()).hexdigest()
+    assert tags["model.source_file"] == str(tiny_factory.resolve())
     # its own checkpoint is one of this network; another width's is not
     last = next(runs.glob("outputs/**/checkpoints/last.ckpt"))
     check_checkpoint(last, model_plan(cfg), {})
     wider = model_plan(compose(["model=registered", "model.name=tiny", "model.args={width:5}", "data=synthetic"]))
     with pytest.raises(ConfigError, match="holds another network: network.0.bias is"):
         check_checkpoint(last, wider, {})
-
-    result = reproduce(uri, run.info.run_id, runs)
-    assert result.identical, result.text()
+    # the factory's file changed: reproduce refuses before training anything
     tiny_factory.write_text(FACTORY + "\n# edited\n")
     with pytest.raises(ConfigError, match=r"source .*tiny_module.py now hashes .*: the code changed"):
-        reproduce(uri, run.info.run_id, runs, ["seed=5"])
+        reproduce(f"sqlite:///{runs.resolve()}/mlflow.db", run.info.run_id, runs)
+    assert len(list(runs.glob("outputs/*/*"))) == 1  # no second run folder
+
+
+@pytest.mark.slow
+def test_a_registered_module_reproduces_identically(tiny_factory, tmp_path):
+    from cnnlab.results.reproduce import reproduce
+
+    runs = tmp_path / "runs"
+    _, run = _train_tiny(runs)
+    result = reproduce(f"sqlite:///{runs.resolve()}/mlflow.db", run.info.run_id, runs)
+    assert result.identical, result.text()
