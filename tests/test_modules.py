@@ -218,3 +218,32 @@ def test_a_registered_module_reproduces_identically(tiny_factory, tmp_path):
     _, run = _train_tiny(runs)
     result = reproduce(f"sqlite:///{runs.resolve()}/mlflow.db", run.info.run_id, runs)
     assert result.identical, result.text()
+
+
+@pytest.mark.slow
+def test_an_entry_point_model_sweeps_from_the_cli_and_compares_and_reports(tmp_path):
+    """`cnnlab train -m model=registered ...` in a fresh process that knows the model only by its entry
+    point; compare and report read the sweep."""
+    import os
+    import subprocess
+
+    from cnnlab.results.compare import compare
+
+    (tmp_path / "ep_models.py").write_text(FACTORY)
+    info = tmp_path / "ep_models-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-models\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[cnnlab.models]\nepnet = ep_models:make_tiny\n")
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "cnnlab.cli", "train", "-m", "model=registered",
+                           "model.name=epnet", "model.args={width:2},{width:6}", "seed=0,1", "data=synthetic",
+                           "data.n_train=64", "data.n_test=32", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                           "tracking.log_model=false", f"paths.runs={runs}"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = compare(f"sqlite:///{runs.resolve()}/mlflow.db", experiment="cnnlab").table.set_index("variant")
+    assert list(table["n"]) == [2, 2]
+    # width w: conv 27w + w, BN 2w (+ 2w moving), dense 4w + 4
+    assert sorted(table["params"]) == [36 * 2 + 4, 36 * 6 + 4]
+    assert sorted(table["MACs"]) == [16 * 16 * 27 * w + 4 * w for w in (2, 6)]
+    assert cli(["report", "--runs", str(runs), "cnnlab"]) == 0
