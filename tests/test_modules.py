@@ -171,25 +171,28 @@ def test_an_entry_point_registers_a_factory(tmp_path, monkeypatch):
     sys.modules.pop("ep_models", None)
 
 
-def _train_tiny(runs: Path):
+def _train_tiny(runs: Path, uri: str):
     """One tracked epoch of the registered `tiny` on a little synthetic data; its MLflow run."""
     from cnnlab.train import train
 
     cfg = compose(["model=registered", "model.name=tiny", "model.args={width:4}", "data=synthetic",
                    "data.n_train=64", "data.n_test=32", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-                   "trainer.enable_progress_bar=false", "tracking.log_model=false", f"paths.runs={runs}"])
+                   "trainer.enable_progress_bar=false", "tracking.log_model=false", f"paths.runs={runs}",
+                   f"tracking.uri={uri}"])
     train(cfg)
-    client = MlflowClient(tracking_uri=f"sqlite:///{runs.resolve()}/mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     return cfg, run
 
 
-def test_a_registered_module_trains_is_tracked_and_its_source_is_checked(tiny_factory, tmp_path):
+def test_a_registered_module_trains_is_tracked_and_its_source_is_checked(tiny_factory, tmp_path, monkeypatch):
     from cnnlab.results.reproduce import reproduce
     from cnnlab.training.resume import check_checkpoint
 
-    runs = tmp_path / "runs"
-    cfg, run = _train_tiny(runs)
+    # A file store: creating a SQLite store's tables costs seconds; the SQLite path is test_train's.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    runs, uri = tmp_path / "runs", (tmp_path / "mlruns").as_uri()
+    cfg, run = _train_tiny(runs, uri)
     params, tags = run.data.params, run.data.tags
     assert run.info.status == "FINISHED"
     assert (params["model.total_params"], params["model.macs"]) == (str(3 * 4 * 9 + 4 + 16 + 20), str(16 * 16 * 108 + 16))
@@ -206,7 +209,7 @@ def test_a_registered_module_trains_is_tracked_and_its_source_is_checked(tiny_fa
     # the factory's file changed: reproduce refuses before training anything
     tiny_factory.write_text(FACTORY + "\n# edited\n")
     with pytest.raises(ConfigError, match=r"source .*tiny_module.py now hashes .*: the code changed"):
-        reproduce(f"sqlite:///{runs.resolve()}/mlflow.db", run.info.run_id, runs)
+        reproduce(uri, run.info.run_id, runs)
     assert len(list(runs.glob("outputs/*/*"))) == 1  # no second run folder
 
 
@@ -215,8 +218,9 @@ def test_a_registered_module_reproduces_identically(tiny_factory, tmp_path):
     from cnnlab.results.reproduce import reproduce
 
     runs = tmp_path / "runs"
-    _, run = _train_tiny(runs)
-    result = reproduce(f"sqlite:///{runs.resolve()}/mlflow.db", run.info.run_id, runs)
+    uri = f"sqlite:///{runs.resolve()}/mlflow.db"
+    _, run = _train_tiny(runs, uri)
+    result = reproduce(uri, run.info.run_id, runs)
     assert result.identical, result.text()
 
 
