@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from epoch_time import ARCHIVE, REPO, machine  # noqa: E402
 
 from cnnlab.config.compose import compose  # noqa: E402
-from cnnlab.data.batches import TensorBatches  # noqa: E402
 from cnnlab.data import sources  # noqa: E402
+from cnnlab.data.batches import TensorBatches  # noqa: E402
 from cnnlab.model.plan import model_plan  # noqa: E402
 from cnnlab.train import train  # noqa: E402
 from cnnlab.training.allocator import in_effect, restart_with_settings  # noqa: E402

@@ -3,7 +3,6 @@ columns for its variants."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from mlflow.entities import Metric, Param, RunTag

@@ -51,7 +51,8 @@ def factory_of(name: str | None) -> Callable:
     """The factory registered as `name` (Python first, then entry points); one line when unknown."""
     if name is None:
         names = registered_names()
-        raise ConfigError(f"model=registered needs model.name=NAME; registered: {', '.join(names) if names else '(none)'}")
+        raise ConfigError(f"model=registered needs model.name=NAME; registered: "
+                          f"{', '.join(names) if names else '(none)'}")
     if name in _REGISTERED:
         return _REGISTERED[name]
     found = _entry_points().get(name)

@@ -82,7 +82,8 @@ def summary_dict(plan: ModelPlan) -> dict:
     if plan.module is not None:
         return {"name": plan.name, "kind": plan.kind, "description": plan.description,
                 "input_shape": list(plan.input_shape), "output_shape": list(plan.output_shape),
-                "children": [{"name": n, "class": c, "params": p, "macs": m} for n, c, p, m in plan.module.counts.children],
+                "children": [{"name": n, "class": c, "params": p, "macs": m}
+                             for n, c, p, m in plan.module.counts.children],
                 "total_params": plan.total_params, "trainable_params": plan.trainable,
                 "non_trainable_params": plan.non_trainable, "torch_parameters": plan.torch_parameters,
                 "macs": plan.macs, "flops": 2 * plan.macs, "receptive_field": None}
