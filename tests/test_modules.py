@@ -140,6 +140,18 @@ def test_registered_plan_is_measured_and_named(tiny_factory):
     assert supports_stacking(model_plan(compose(["model=resnet", "data=synthetic"])))[0]
 
 
+def test_registering_a_name_again_replaces_the_factory_a_run_would_train(tiny_factory):
+    from cnnlab.training.checks import checked
+
+    cfg = compose(["model=registered", "model.name=tiny", "data=synthetic"])
+    first, _ = checked(cfg)
+    assert checked(cfg)[0] is first  # checked once per config in a process ...
+    cnnlab.register_model("tiny", lambda num_classes, input_shape: nn.Sequential(
+        nn.Flatten(), nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], num_classes)))
+    again, _ = checked(cfg)  # ... unless the name now stands for another factory
+    assert again.torch_parameters == 3 * 16 * 16 * 4 + 4 != first.torch_parameters
+
+
 def test_registered_errors_are_one_line(tiny_factory):
     with pytest.raises(ConfigError, match=r"'nope' is not a registered model; registered: .*tiny"):
         model_plan(compose(["model=registered", "model.name=nope", "data=synthetic"]))

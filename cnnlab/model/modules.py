@@ -52,6 +52,7 @@ class OpaqueModel:
     counts: ModuleCounts
     source: tuple[str, str] | None = None   # (file, sha256) of a registered factory's source
     class_name: str = ""
+    factory: Any = field(default=None, repr=False)  # a registered model's factory, as found when planned
 
 
 def _first_line(error: BaseException) -> str:
@@ -226,4 +227,4 @@ def registered_model(cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_c
 
     call = f"{name}({num_classes}, {tuple(input_shape)}{''.join(f', {k}={v!r}' for k, v in args.items())})"
     counts, class_name = measure(make, tuple(input_shape), num_classes, f"model.name={name}: {call}")
-    return OpaqueModel("registered", f"registered {call}", make, counts, source_of(factory), class_name)
+    return OpaqueModel("registered", f"registered {call}", make, counts, source_of(factory), class_name, factory)
