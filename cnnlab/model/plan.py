@@ -93,10 +93,11 @@ class ModelPlan:
         """(file, sha256) of a registered factory's source, which reproduce checks."""
         return None if self.module is None else self.module.source
 
-    def build(self):
-        """A fresh network that returns logits, initialised from torch's global generator (seed first)."""
+    def build(self, pretrained: bool = True):
+        """A fresh network that returns logits, initialised from torch's global generator (seed first);
+        pretrained=False leaves a torchvision model's pretrained weights unread (shapes only)."""
         if self.module is not None:
-            return self.module.make(True)
+            return self.module.make(pretrained)
         from cnnlab.model.build import build
 
         return build(self.analysis, self.options.get("init", "keras"), self.options.get("bn_momentum", 0.99),

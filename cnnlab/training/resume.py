@@ -184,7 +184,7 @@ def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any], max_
         raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict and "
                           f"epoch); give a .ckpt written by cnnlab train")
     with torch.device("meta"):  # shapes only: no memory, no weights read (a pretrained module's file)
-        network = plan.build()
+        network = plan.build(pretrained=False)
     expected = {f"network.{k}": tuple(v.shape) for k, v in network.state_dict().items()}
     found = {k: tuple(v.shape) if hasattr(v, "shape") else None for k, v in state["state_dict"].items()}
     if found != expected:
