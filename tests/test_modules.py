@@ -182,17 +182,17 @@ def test_an_entry_point_registers_a_factory(tmp_path, monkeypatch):
 
 
 def _train_tiny(runs: Path, uri: str):
-    """One tracked epoch of the registered `tiny` on a little synthetic data; its MLflow run."""
-    from cnnlab.train import train
-
-    cfg = compose(["model=registered", "model.name=tiny", "model.args={width:4}", "data=synthetic",
-                   "data.n_train=64", "data.n_test=32", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-                   "trainer.enable_progress_bar=false", "tracking.log_model=false", f"paths.runs={runs}",
-                   f"tracking.uri={uri}"])
-    train(cfg)
+    """One tracked epoch of the registered `tiny` on a little synthetic data, through the Python API
+    (cnnlab.train); its config and MLflow run."""
+    overrides = ["model=registered", "model.name=tiny", "model.args={width:4}", "data=synthetic",
+                 "data.n_train=64", "data.n_test=32", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                 "trainer.enable_progress_bar=false", "tracking.log_model=false", f"paths.runs={runs}",
+                 f"tracking.uri={uri}"]
+    result = cnnlab.train(overrides)
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    return cfg, run
+    assert result.run_id == run.info.run_id
+    return compose(overrides), run
 
 
 def test_a_registered_module_trains_is_tracked_and_its_source_is_checked(tiny_factory, tmp_path, monkeypatch):
