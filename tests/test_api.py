@@ -29,7 +29,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _readme_python() -> str:
-    (block,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    """The README's Python API example: its ```python block that calls cnnlab.train (another shows
+    cnnlab.register_model)."""
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "cnnlab.train(" in b]
     return block
 
 

@@ -262,3 +262,14 @@ def test_an_entry_point_model_sweeps_from_the_cli_and_compares_and_reports(tmp_p
     assert sorted(table["params"]) == [36 * 2 + 4, 36 * 6 + 4]
     assert sorted(table["MACs"]) == [16 * 16 * 27 * w + 4 * w for w in (2, 6)]
     assert cli(["report", "--runs", str(runs), "cnnlab"]) == 0
+
+
+def test_the_readmes_register_model_example_registers_a_trainable_model(monkeypatch):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "register_model(" in b]
+    monkeypatch.setattr(registry, "_REGISTERED", {})
+    exec(compile(block, "README.md", "exec"), {})
+    plan = model_plan(compose(["model=registered", "model.name=mynet", "model.args={width:8}"]))
+    assert plan.torch_parameters == 3 * 8 * 9 + 8 + 16 + 8 * 10 + 10  # conv, BN gamma/beta, dense on cifar10
