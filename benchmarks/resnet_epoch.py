@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -54,7 +55,9 @@ def overrides(args, runs: Path, *extra: str) -> list[str]:
             "model=resnet", f"model.depth={args.depth}", "optim=sgd", f"optim.lr={args.lr}",
             "optim.momentum=0.9", "optim.weight_decay=1e-4", f"data.batch_size={args.batch_size}",
             "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "tracking.log_model=false",
-            *([f"data.subset={args.subset}"] if args.subset else []), *extra]
+            # The same torch threads for every contender (left to itself, cnnlab picks the cores other
+            # processes leave free, and a thread count set by one run would carry over to the next).
+            f"trainer.threads={args.threads}", *([f"data.subset={args.subset}"] if args.subset else []), *extra]
 
 
 def limit_test_images(count: int) -> None:
@@ -83,6 +86,7 @@ def hand_loop_epoch(args, runs: Path, repeat: int) -> tuple[float, float]:
     """What a researcher would write by hand: the same ResNet-20, the same SGD, the same batches."""
     cfg = compose(overrides(args, runs, f"seed={repeat}"))
     data = sources.load_dataset(OmegaConf.to_container(cfg.data, resolve=True), Path(cfg.paths.cache), repeat)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(repeat)
     net = model_plan(cfg).build()
     optimizer = make_optimizer(net.parameters(), dict(cfg.optim))
@@ -124,6 +128,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, for all alike")
     args = parser.parse_args()
     if not Path(args.archive).is_file():
         sys.exit(f"error: no CIFAR-10 archive at {args.archive}; pass --archive FILE.tar.gz")
