@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cnnlab.vocabulary import MODEL_SOURCE_HASH_TAG
+
 if TYPE_CHECKING:
     from cnnlab.tracking.writer import Tracker
 
@@ -45,9 +47,9 @@ def _git(*args: str) -> str | None:
 
 # The tags a rerun compares with its run's to tell whether the code or the packages changed since.
 DIFF_TAG = "git.diff.sha256"  # of `git diff HEAD`; "none" for a clean checkout
-# model.source_sha256: a registered model's factory file, code outside the checkout (cnnlab.training.run).
+# A registered model's factory file is code too, maybe outside the checkout (cnnlab.training.run).
 CODE_TAGS = {"mlflow.source.git.commit": "git commit", DIFF_TAG: "uncommitted diff",
-             "model.source_sha256": "registered model's source"}
+             MODEL_SOURCE_HASH_TAG: "registered model's source"}
 PACKAGE_TAGS = {f"version.{name}": name for name in ("torch", "lightning", "mlflow", "cnnlab")}
 
 # argv[0] -> the program as a user types it: `cnnlab train` runs Hydra with argv[0] "cnnlab-train",
