@@ -406,7 +406,11 @@ MODEL_COMMON = {
 
 # The top level of train.yaml, groups included.
 TOP = {"seed": Field(lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
-       "ckpt_path": Text(nullable=True, hint=" (a .ckpt file to resume from)")}
+       "ckpt_path": Text(nullable=True, hint=" (a .ckpt file to resume from)"),
+       # Seeds trained together as one stacked network, each its own child run (cnnlab.training.stacked_run).
+       "seeds": Field(lambda v: isinstance(v, list) and len(v) >= 1 and len(set(v)) == len(v)
+                      and all(_is_int(s) and 0 <= s < 2**32 for s in v),
+                      "a list of distinct integers in [0, 2**32), e.g. [0,1,2,3]", nullable=True)}
 GROUPS = {group.name: group for group in (TRAINER, OPTIM, DATA, TRACKING, CHECKPOINT, EARLY_STOPPING, PATHS,
                                                 ABLATION)}
 

@@ -179,6 +179,11 @@ class TensorDataModule(L.LightningDataModule):
         self._device = torch.device("cpu")
         self._resume: Mapping[str, int] = {}  # where a checkpoint written mid-epoch left the train batches
 
+    def split(self, name: str) -> Batch:
+        """The (x, y) tensors of "train", "val" or "test", as this seed's run sees them (its own
+        validation split); the stacked path (cnnlab.training.stacked_run) batches them itself."""
+        return self._sets[name]
+
     # The train batches' place in their epoch, in every checkpoint. Lightning restores it into the
     # DataModule before it asks for the train loader (its own restore of a stateful loader comes
     # too late: estimated_stepping_batches has built the loader by then), so a checkpoint written

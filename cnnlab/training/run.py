@@ -48,7 +48,6 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     from cnnlab.data.batches import TensorDataModule
     from cnnlab.model.build import build
     from cnnlab.model.summary import summary_text
-    from cnnlab.tracking.provenance import log_provenance, provenance_tags
     from cnnlab.training.artifacts import log_pytorch_model, log_run_files, write_run_files
     from cnnlab.training.distributed import prepare_strategy, process_rank
     from cnnlab.training.epoch_log import EpochHistory
@@ -82,9 +81,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     rank_zero = process_rank() == 0
     if cfg.tracking.enabled and rank_zero:
         tracker, done = open_run(cfg, runs, run_dir, name, {
-            **provenance_tags(), "overrides": " ".join(job_overrides) or "(none)", "seed": cfg.seed,
-            "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
-            "config.hash": config_hash(cfg), "data.fingerprint": fingerprint,
+            **run_tags(cfg, plan, data_cfg, job_overrides, run_dir, fingerprint),
             **sweep_tags(job_overrides), **(tags or {})}, resume_from)
         if done is not None:
             return done
@@ -107,18 +104,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
         stopper = early_stopping(cfg)
         trainer = make_trainer(cfg, run_dir, [history, *saved, *([stopper] if stopper else []), preemption])
         if tracker and not tracker.has_params():  # a resumed run has its params already
-            log_provenance(tracker)
-            tracker.log_params({
-                **flatten(container(cfg)),
-                "model.total_params": plan.analysis.total_params,
-                "model.trainable_params": plan.analysis.trainable,
-                "model.macs": plan.analysis.macs,
-                "model.receptive_field": plan.analysis.receptive_field.size[0],
-                "model.layers_expanded": " ".join(plan.tokens),
-                "data.fingerprint": fingerprint,
-                "data.source": data.source,
-            })
-            tracker.set_tags({"device": str(trainer.strategy.root_device)})
+            log_first_params(tracker, cfg, plan, data, fingerprint, trainer.strategy.root_device)
         collector.resume()  # start-up's imports are done (cnnlab.training.collector)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if stopper is not None and stopper.stopped_epoch > 0:
@@ -155,6 +141,34 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     log.info("done: best %s = %.4f; test/acc = %.4f", cfg.checkpoint.monitor, result,
              float(trainer.callback_metrics["test/acc"]))
     return result
+
+
+def run_tags(cfg: DictConfig, plan, data_cfg: Mapping, job_overrides: list[str], run_dir: Path,
+             fingerprint: str) -> dict:
+    """The tags a new run starts with (the sweep's and the caller's are added to them)."""
+    from cnnlab.tracking.provenance import provenance_tags
+
+    return {**provenance_tags(), "overrides": " ".join(job_overrides) or "(none)", "seed": cfg.seed,
+            "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
+            "config.hash": config_hash(cfg), "data.fingerprint": fingerprint}
+
+
+def log_first_params(tracker, cfg: DictConfig, plan, data, fingerprint: str, device) -> None:
+    """A new run's params (the config and what the model plan derives), provenance and device."""
+    from cnnlab.tracking.provenance import log_provenance
+
+    log_provenance(tracker)
+    tracker.log_params({
+        **flatten(container(cfg)),
+        "model.total_params": plan.analysis.total_params,
+        "model.trainable_params": plan.analysis.trainable,
+        "model.macs": plan.analysis.macs,
+        "model.receptive_field": plan.analysis.receptive_field.size[0],
+        "model.layers_expanded": " ".join(plan.tokens),
+        "data.fingerprint": fingerprint,
+        "data.source": data.source,
+    })
+    tracker.set_tags({"device": str(device)})
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:
