@@ -141,3 +141,23 @@ def test_a_killed_stack_resumes_every_seed_with_every_epoch_once(stacked, tmp_pa
         theirs = _history(runs / "stack" / f"s{seed}")
         for key in ("train/loss", "val/loss"):
             assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-6), key
+
+
+def test_cnnlab_train_seeds_is_one_stacked_job_with_a_child_run_per_seed(tmp_path, capsys):
+    from cnnlab.cli import main
+
+    args = ["train", *TINY, "trainer.max_epochs=1", "tracking.log_model=false", f"paths.runs={tmp_path}"]
+    assert main([*args, "seeds=[0,1]"]) == 0
+    client = _client(tmp_path)
+    found = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("sweep") == "parent"]
+    children = sorted((r for r in found if r is not parent), key=lambda r: int(r.data.tags["seed"]))
+    assert [r.data.tags["seed"] for r in children] == ["0", "1"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
+               and r.data.params["seeds"] == "None" and r.data.tags["stacked"] == "0,1" for r in children)
+    assert parent.info.status == "FINISHED"
+    assert main([*args, "seeds=[0,1]"]) == 0  # the same command again: done, nothing new
+    assert len(client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])) == 3
+    capsys.readouterr()
+    assert main([*args, "seeds=[0,1]", "seed=3"]) == 2
+    assert "seeds=[...] trains every seed it lists; remove seed=..." in capsys.readouterr().err

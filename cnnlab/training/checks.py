@@ -196,6 +196,9 @@ def preflight(argv: list[str]) -> None:
     from cnnlab.tracking.store import check_tracking, is_embedded, tracking_uri
 
     refuse_object_overrides(argv)  # before anything composes them
+    from cnnlab.training.stacked_run import refuse_seed_with_seeds
+
+    refuse_seed_with_seeds(argv)  # a sweep over seed with seeds=[...] too: before Hydra starts
     if any(arg.startswith(("-", "hydra.mode")) or "${hydra:" in arg for arg in argv):
         return
     cfg = compose(argv)

@@ -26,6 +26,10 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     directory is locked for the whole run: a second process on it stops with RunInUse.
     """
     checked(cfg)  # bad input fails before a folder or a lock exists
+    if cfg.seeds is not None:  # seeds=[...]: one stacked job, one run per seed
+        from cnnlab.training.stacked_run import train_seeds
+
+        return train_seeds(cfg, tags)
     from cnnlab.training.distributed import process_rank
     from cnnlab.training.resume import run_directory_lock
     from cnnlab.training.signals import handled
