@@ -161,3 +161,43 @@ def test_cnnlab_train_seeds_is_one_stacked_job_with_a_child_run_per_seed(tmp_pat
     capsys.readouterr()
     assert main([*args, "seeds=[0,1]", "seed=3"]) == 2
     assert "seeds=[...] trains every seed it lists; remove seed=..." in capsys.readouterr().err
+
+
+def test_the_stacked_launcher_trains_each_group_of_seeds_as_one_stack(tmp_path):
+    from cnnlab.cli import main
+
+    assert main(["train", "-m", *TINY, "trainer.max_epochs=1", "tracking.log_model=false", f"paths.runs={tmp_path}",
+                 "seed=0,1", "hydra/launcher=stacked", "hydra.launcher.stack=force"]) == 0
+    client = _client(tmp_path)
+    found = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("sweep") == "parent"]
+    children = [r for r in found if r is not parent]
+    assert parent.data.tags["sweep.launcher"] == "StackedLauncher"
+    assert sorted(r.data.tags["seed"] for r in children) == ["0", "1"]
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.data.tags["stacked"] == "0,1"
+        assert run.info.status == "FINISHED" and run.data.tags["knob.seed"] == run.data.tags["seed"]
+        run_dir = Path(run.data.tags["run_dir"])  # its own job folder, with Hydra's files, as any sweep job
+        assert run_dir.parent == tmp_path / "multirun" / "cnnlab" and (run_dir / ".hydra" / "config.yaml").is_file()
+        assert "hydra" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_jobs_that_cannot_be_stacked_run_one_by_one_and_say_why(caplog):
+    from cnnlab.training.stacked_launcher import plan_stacks
+
+    def plan(jobs, stack="force", max_stack=64):
+        configs = [compose([*TINY, *job]) for job in jobs]
+        caplog.clear()
+        with caplog.at_level("INFO", logger="cnnlab"):
+            return plan_stacks(configs, jobs, max_stack, stack, 0.8), caplog.text
+
+    jobs = [["seed=0", "model.bn=true"], ["seed=1", "model.bn=true"], ["seed=2", "model.bn=true"],
+            ["seed=0", "model.bn=false"]]
+    assert plan(jobs)[0] == [[0, 1, 2], [3]]
+    assert "1 job(s) of model.bn=false run one by one: a single seed" in plan(jobs)[1]
+    assert plan(jobs, max_stack=2)[0] == [[0, 1], [2], [3]]
+    chunks, said = plan(jobs[:2], stack="auto")  # trainer.accelerator=cpu
+    assert chunks == [[0], [1]] and "the CPU gains nothing from stacking" in said
+    clipped = [[*job, "trainer.gradient_clip_val=1.0"] for job in jobs[:2]]
+    chunks, said = plan(clipped)
+    assert chunks == [[0], [1]] and "trainer.gradient_clip_val=1.0: clipping by norm mixes the seeds" in said
