@@ -313,10 +313,22 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook) -> list[float]:
     start = _resume(seeds, network, optimizer, schedule, device)
     guard = CopyGuard(network, optimizer)
 
+    # Each seed's images on the device once. Seeds whose data is the same (a named dataset with
+    # validation=test; not synthetic data or a subset, which the seed draws) share one copy.
+    on_device: dict[tuple, tuple] = {}
+    fingerprints = {seed.job.seed: seed.data.fingerprint() for seed in seeds}
+
+    def tensors(seed: _Seed, split: str):
+        own = split != "test" and data_cfg["validation"] != "test"  # the seed's own validation split
+        key = (fingerprints[seed.job.seed], split, seed.job.seed if own else None)
+        if key not in on_device:
+            on_device[key] = tuple(t.to(device) for t in seed.module.split(split))
+        return on_device[key]
+
     def batches(seed: _Seed, split: str, epoch: int, train: bool):
-        x, y = seed.module.split(split)
+        x, y = tensors(seed, split)
         augment = data_cfg["augment"]
-        return TensorBatches(x.to(device), y.to(device), batch_size if train else data_cfg["eval_batch_size"],
+        return TensorBatches(x, y, batch_size if train else data_cfg["eval_batch_size"],
                              shuffle=train, seed=seed.job.seed, epoch=lambda: epoch,
                              mean=seed.module._mean, std=seed.module._std,
                              crop_padding=augment["crop_padding"] if train else 0,
