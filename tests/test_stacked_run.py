@@ -201,3 +201,19 @@ def test_jobs_that_cannot_be_stacked_run_one_by_one_and_say_why(caplog):
     clipped = [[*job, "trainer.gradient_clip_val=1.0"] for job in jobs[:2]]
     chunks, said = plan(clipped)
     assert chunks == [[0], [1]] and "trainer.gradient_clip_val=1.0: clipping by norm mixes the seeds" in said
+
+
+def test_stacked_batches_are_each_seeds_tensor_batches():
+    from cnnlab.data.batches import StackedBatches, TensorBatches
+
+    g = torch.Generator().manual_seed(0)
+    shared = (torch.randint(0, 256, (21, 3, 6, 6), dtype=torch.uint8, generator=g), torch.arange(21))
+    own = (torch.randint(0, 256, (21, 3, 6, 6), dtype=torch.uint8, generator=g), torch.arange(21) + 100)
+    data, seeds = [shared, own, shared], [4, 9, 2]
+    settings = dict(mean=[0.5] * 3, std=[0.25] * 3, crop_padding=2, hflip=True)
+    for shuffle, epoch in ((True, 0), (True, 3), (False, 0)):
+        stacked = list(StackedBatches(data, seeds, 8, shuffle=shuffle, epoch=epoch, **settings))
+        assert len(stacked) == 3 and stacked[-1][0].shape == (3, 5, 3, 6, 6)  # 8 + 8 + 5
+        for s, ((x, y), seed) in enumerate(zip(data, seeds)):
+            lone = list(TensorBatches(x, y, 8, shuffle=shuffle, seed=seed, epoch=lambda: epoch, **settings))
+            assert all(torch.equal(a[0][s], b[0]) and torch.equal(a[1][s], b[1]) for a, b in zip(stacked, lone))

@@ -247,7 +247,7 @@ def train_stacked(jobs: Sequence[SeedJob], step_hook: Callable[[object, int], No
 def _train_stacked(jobs: Sequence[SeedJob], step_hook) -> list[float]:
     import torch
 
-    from cnnlab.data.batches import TensorBatches, TensorDataModule
+    from cnnlab.data.batches import StackedBatches, TensorDataModule
     from cnnlab.data.sources import load_dataset
     from cnnlab.model.stacked import CopyGuard, StackedNetwork, stacked_loss
     from cnnlab.training.epoch_log import EpochHistory
@@ -325,14 +325,14 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook) -> list[float]:
             on_device[key] = tuple(t.to(device) for t in seed.module.split(split))
         return on_device[key]
 
-    def batches(seed: _Seed, split: str, epoch: int, train: bool):
-        x, y = tensors(seed, split)
+    def batches(split: str, epoch: int, train: bool) -> StackedBatches:
+        """Every seed's batches of `split` at once: (S, B, C, H, W), (S, B), copy s's as its lone run's."""
         augment = data_cfg["augment"]
-        return TensorBatches(x, y, batch_size if train else data_cfg["eval_batch_size"],
-                             shuffle=train, seed=seed.job.seed, epoch=lambda: epoch,
-                             mean=seed.module._mean, std=seed.module._std,
-                             crop_padding=augment["crop_padding"] if train else 0,
-                             hflip=augment["hflip"] if train else False)
+        return StackedBatches([tensors(seed, split) for seed in seeds], [seed.job.seed for seed in seeds],
+                              batch_size if train else data_cfg["eval_batch_size"], shuffle=train, epoch=epoch,
+                              mean=seeds[0].module._mean, std=seeds[0].module._std,
+                              crop_padding=augment["crop_padding"] if train else 0,
+                              hflip=augment["hflip"] if train else False)
 
     def evaluate(split: str) -> tuple[list[float], list[float]]:
         """Each copy's mean loss (over samples) and accuracy on `split`, in eval mode."""
@@ -341,9 +341,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook) -> list[float]:
         correct = torch.zeros(len(seeds), device=device)
         seen = 0
         with torch.no_grad():
-            for pairs in zip(*(batches(seed, split, 0, False) for seed in seeds)):
-                x = torch.stack([p[0] for p in pairs])  # (S, B, C, H, W)
-                y = torch.stack([p[1] for p in pairs])  # (S, B)
+            for x, y in batches(split, 0, False):  # (S, B, C, H, W), (S, B)
                 logits = network(x)
                 losses = torch.nn.functional.cross_entropy(
                     logits.flatten(0, 1), y.flatten(), reduction="none",
@@ -365,9 +363,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook) -> list[float]:
             loss_sum = torch.zeros(len(seeds), device=device)
             correct = torch.zeros(len(seeds), device=device)
             seen = 0
-            for pairs in zip(*(batches(seed, "train", epoch, True) for seed in seeds)):
-                x = torch.stack([p[0] for p in pairs])  # (S, B, C, H, W): copy s's own batch
-                y = torch.stack([p[1] for p in pairs])  # (S, B)
+            for x, y in batches("train", epoch, True):  # (S, B, C, H, W), (S, B): copy s's own batch
                 logits = network(x)
                 loss, per_copy = stacked_loss(logits, y, guard.alive, cfg.optim.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
