@@ -49,7 +49,7 @@ def stacked(args, runs: Path, seeds: list[int]) -> tuple[float, list[float]]:
     jobs = [SeedJob(lone_config(compose([*overrides(args, runs), f"seed={s}"]), s), [f"seed={s}"],
                     runs / "stacked" / f"s{s}") for s in seeds]
     start = time.perf_counter()
-    train_stacked(jobs)
+    train_stacked(jobs, dropout_mode=args.dropout_mode)
     seconds = time.perf_counter() - start
     return seconds, [read_history(job.run_dir / "history.jsonl")[-1]["val/acc"] for job in jobs]
 
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--archive", default=str(ARCHIVE))
     parser.add_argument("--accelerator", default="auto", help="trainer.accelerator for both")
+    parser.add_argument("--dropout-mode", default="exact", choices=("exact", "fast"),
+                        help="the stack's dropout: each seed's lone masks, or one draw (fast)")
     parser.add_argument("--sequential-max", type=int, default=None,
                         help="run sequential only up to this S; estimate it above")
     args = parser.parse_args()

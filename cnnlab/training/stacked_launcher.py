@@ -139,6 +139,12 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             config.hydra.job.num = index
         configs.append(config)
     settings = launcher.settings
+    from cnnlab.errors import ConfigError
+    from cnnlab.model.stacked import DROPOUT_MODES
+
+    if settings["dropout_mode"] not in DROPOUT_MODES:
+        raise ConfigError(f"hydra.launcher.dropout_mode must be one of {', '.join(DROPOUT_MODES)}, "
+                          f"got {settings['dropout_mode']!r}")
     returns: list = [None] * len(configs)
 
     def run(index: int, task_function):
@@ -158,7 +164,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 if returns[index].status != JobStatus.COMPLETED:
                     raise returns[index].return_value  # preparing a job failed: Hydra's own error
             try:
-                scores = train_stacked(jobs)
+                scores = train_stacked(jobs, dropout_mode=settings["dropout_mode"])
             except Exception:  # as a lone sweep job's failure (cnnlab.train): logged, NaN, the sweep goes on
                 log.exception("stacked job of seeds %s failed; its MLflow runs are marked FAILED and the sweep "
                               "goes on", [job.seed for job in jobs])

@@ -214,11 +214,13 @@ class _Seed:
     failed: bool = False
 
 
-def train_stacked(jobs: Sequence[SeedJob], step_hook: Callable[[object, int], None] | None = None
-                  ) -> list[float]:
+def train_stacked(jobs: Sequence[SeedJob], step_hook: Callable[[object, int], None] | None = None,
+                  dropout_mode: str = "exact") -> list[float]:
     """Train `jobs` (one config, several seeds) as one stack; each seed's best `checkpoint.monitor`,
     NaN for a seed that failed. `step_hook(network, step)` runs after every optimizer step (tests
-    inject a NaN or a stop with it)."""
+    inject a NaN or a stop with it). dropout_mode="fast" draws one dropout mask for the whole stack
+    (the same distribution, not the lone runs' masks; on a GPU exact masks cost S small launches per
+    dropout layer): the runs get a `stacked.dropout=fast` tag."""
     if not jobs:
         return []
     cfg = jobs[0].cfg
@@ -241,10 +243,10 @@ def train_stacked(jobs: Sequence[SeedJob], step_hook: Callable[[object, int], No
         for job in jobs:
             locks.enter_context(run_directory_lock(job.run_dir))
         locks.enter_context(handled())
-        return _train_stacked(jobs, step_hook)
+        return _train_stacked(jobs, step_hook, dropout_mode)
 
 
-def _train_stacked(jobs: Sequence[SeedJob], step_hook) -> list[float]:
+def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> list[float]:
     import torch
 
     from cnnlab.data.batches import StackedBatches, TensorDataModule
@@ -291,7 +293,8 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook) -> list[float]:
                 continue
             if not tracker.has_params():
                 log_first_params(tracker, job.cfg, plan, data, fingerprint, device)
-            tracker.set_tags({STACKED_TAG: stack_tag})
+            tracker.set_tags({STACKED_TAG: stack_tag, **({"stacked.dropout": dropout_mode}
+                                                         if dropout_mode != "exact" else {})})
         module = TensorDataModule(data, data_cfg, job.seed)
         history = EpochHistory(job.run_dir / "history.jsonl", tracker,
                                0)  # step metrics: one loss for the stack, not logged per seed
@@ -302,6 +305,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook) -> list[float]:
     live_seeds = [seed.job.seed for seed in seeds]
     log.info("training seeds %s stacked on %s (%d threads)", live_seeds, device, torch.get_num_threads())
     network = StackedNetwork(plan.analysis, live_seeds, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps,
+                             dropout_mode=dropout_mode,
                              channels_last=cfg.trainer.channels_last or (device.type == "cpu" and len(seeds) > 1))
     network.to(device)
     optimizer = make_optimizer(network.parameters(), container(cfg.optim))

@@ -12,8 +12,10 @@ from omegaconf import DictConfig
 
 
 class StackedLauncher(Launcher):
-    def __init__(self, max_stack: int = 64, stack: str = "auto", memory_fraction: float = 0.8) -> None:
-        self.settings = {"max_stack": max_stack, "stack": stack, "memory_fraction": memory_fraction}
+    def __init__(self, max_stack: int = 64, stack: str = "auto", memory_fraction: float = 0.8,
+                 dropout_mode: str = "exact") -> None:
+        self.settings = {"max_stack": max_stack, "stack": stack, "memory_fraction": memory_fraction,
+                         "dropout_mode": dropout_mode}
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
