@@ -143,6 +143,7 @@ def test_a_killed_stack_resumes_every_seed_with_every_epoch_once(stacked, tmp_pa
             assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-6), key
 
 
+@pytest.mark.slow  # the command line around train_stacked (tested by default above)
 def test_cnnlab_train_seeds_is_one_stacked_job_with_a_child_run_per_seed(tmp_path, capsys):
     from cnnlab.cli import main
 
@@ -163,6 +164,7 @@ def test_cnnlab_train_seeds_is_one_stacked_job_with_a_child_run_per_seed(tmp_pat
     assert "seeds=[...] trains every seed it lists; remove seed=..." in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the command line around train_stacked (tested by default above)
 def test_the_stacked_launcher_trains_each_group_of_seeds_as_one_stack(tmp_path):
     from cnnlab.cli import main
 
@@ -217,3 +219,15 @@ def test_stacked_batches_are_each_seeds_tensor_batches():
         for s, ((x, y), seed) in enumerate(zip(data, seeds)):
             lone = list(TensorBatches(x, y, 8, shuffle=shuffle, seed=seed, epoch=lambda: epoch, **settings))
             assert all(torch.equal(a[0][s], b[0]) and torch.equal(a[1][s], b[1]) for a, b in zip(stacked, lone))
+
+
+@pytest.mark.slow
+def test_reproduce_trains_a_stacked_seed_alone(stacked):
+    from cnnlab.results.reproduce import reproduce
+
+    runs, *_ = stacked
+    run = _runs_by_seed(runs)[3]
+    result = reproduce(f"sqlite:///{runs.resolve()}/mlflow.db", run.info.run_id, runs, ["tracking.log_model=false"])
+    assert not result.differs, result.verdicts
+    new = _client(runs).get_run(result.new)
+    assert "stacked" not in new.data.tags and new.data.tags["seed"] == "3"
