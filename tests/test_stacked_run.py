@@ -217,7 +217,8 @@ def test_stacked_batches_are_each_seeds_tensor_batches():
         stacked = list(StackedBatches(data, seeds, 8, shuffle=shuffle, epoch=epoch, **settings))
         assert len(stacked) == 3 and stacked[-1][0].shape == (3, 5, 3, 6, 6)  # 8 + 8 + 5
         for s, ((x, y), seed) in enumerate(zip(data, seeds)):
-            lone = list(TensorBatches(x, y, 8, shuffle=shuffle, seed=seed, epoch=lambda: epoch, **settings))
+            lone = list(TensorBatches(x, y, 8, shuffle=shuffle, seed=seed, epoch=lambda epoch=epoch: epoch,
+                                      **settings))
             assert all(torch.equal(a[0][s], b[0]) and torch.equal(a[1][s], b[1]) for a, b in zip(stacked, lone))
 
 

@@ -70,7 +70,10 @@ def stack_size(cfg: DictConfig, seeds: int, max_stack: int, memory_fraction: flo
     images = data.get("subset") or data.get("n_train") or 60000  # an upper bound for the named sets
     data_bytes = per_image * (images + 10000)
     budget = free * memory_fraction
-    while size > 1 and stacked_memory_bytes(analysis, data["batch_size"], size, cfg.optim.name) + size * data_bytes > budget:
+    def needed(stack: int) -> int:
+        return stacked_memory_bytes(analysis, data["batch_size"], stack, cfg.optim.name) + stack * data_bytes
+
+    while size > 1 and needed(size) > budget:
         size -= 1
     return size
 
@@ -160,7 +163,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             # Each job of the stack through run_job: its folder, .hydra/, callbacks, and the SeedJob
             # made while Hydra's config is that job's (its overrides, folder, sweep parent).
             for index in chunk:
-                returns[index] = run(index, lambda cfg: jobs.append(SeedJob.current(cfg)))
+                returns[index] = run(index, lambda cfg, jobs=jobs: jobs.append(SeedJob.current(cfg)))
                 if returns[index].status != JobStatus.COMPLETED:
                     raise returns[index].return_value  # preparing a job failed: Hydra's own error
             try:

@@ -267,6 +267,8 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     threads = torch_threads(cfg.trainer.threads)
     if threads:
         torch.set_num_threads(threads)
+    if cfg.trainer.benchmark is not None:  # as Lightning's Trainer(benchmark=...) does for a lone run
+        torch.backends.cudnn.benchmark = bool(cfg.trainer.benchmark)
     stack_tag = ",".join(str(job.seed) for job in jobs)
     results: dict[int, float] = {}
 
@@ -522,8 +524,8 @@ def _finish(seeds: list[_Seed], network, evaluate, plan, max_epochs: int, monito
             seed.tracker.log_metrics({"test/loss": test_loss[s], "test/acc": test_acc[s]}, step=max_epochs)
             log_run_files(seed.tracker, seed.job.run_dir)
             if cfg.tracking.log_model:
-                seed.tracker.patiently(lambda: log_pytorch_model(seed.tracker, lone, seed.module, plan),
-                                       "logging the model")
+                seed.tracker.patiently(lambda seed=seed, lone=lone: log_pytorch_model(
+                    seed.tracker, lone, seed.module, plan), "logging the model")
             seed.tracker.finish("FINISHED")
         results[seed.job.seed] = float(seed.best)
         log.info("seed %d done: best %s = %.4f; test/acc = %.4f", seed.job.seed, monitor, seed.best, test_acc[s])
