@@ -205,6 +205,16 @@ def test_jobs_that_cannot_be_stacked_run_one_by_one_and_say_why(caplog):
     assert chunks == [[0], [1]] and "trainer.gradient_clip_val=1.0: clipping by norm mixes the seeds" in said
 
 
+def test_seeds_that_cannot_stack_are_one_line_before_anything_is_written(tmp_path, capsys):
+    from cnnlab.cli import main
+
+    assert main(["train", *TINY, f"paths.runs={tmp_path}", "seeds=[0,1]", "data.pipeline=loader"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: seeds=[0,1] cannot be trained stacked: data.pipeline=loader: its DataLoader order is not the "
+        "memory pipeline's; train them as separate runs instead: cnnlab train -m seed=0,1")
+    assert not any(tmp_path.iterdir())
+
+
 def test_stacked_batches_are_each_seeds_tensor_batches():
     from cnnlab.data.batches import StackedBatches, TensorBatches
 

@@ -203,6 +203,10 @@ def preflight(argv: list[str]) -> None:
         return
     cfg = compose(argv)
     checked(cfg)
+    if cfg.seeds is not None:
+        from cnnlab.training.stacked_run import check_seeds
+
+        check_seeds(cfg)
     runs = Path(cfg.paths.runs)
     check_writable(runs, "paths.runs")
     uri = tracking_uri(cfg.tracking.uri, runs.resolve())

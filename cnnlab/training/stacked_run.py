@@ -546,6 +546,15 @@ def refuse_seed_with_seeds(args: Sequence[str]) -> None:
                           "use seed=0,1,2 hydra/launcher=stacked, or seeds=[0,1,2] without -m)")
 
 
+def check_seeds(cfg: DictConfig) -> None:
+    """seeds=[...] only for a config that stacks (cnnlab train's preflight asks before Hydra starts)."""
+    problem = stacking_problem(cfg)
+    if problem:
+        seeds = ",".join(str(s) for s in cfg.seeds)
+        raise ConfigError(f"seeds=[{seeds}] cannot be trained stacked: {problem}; train them as separate "
+                          f"runs instead: cnnlab train -m seed={seeds}")
+
+
 def train_seeds(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     """Train cfg.seeds as one stack; the mean over seeds of the best `checkpoint.monitor` (NaN if every
     seed failed). Each seed's run lives in <this command's run dir>/s<seed>; outside a sweep they
@@ -557,11 +566,8 @@ def train_seeds(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float
     job_overrides = overrides()
     refuse_seed_with_seeds(job_overrides)
     checked(cfg)
+    check_seeds(cfg)
     seeds = [int(s) for s in cfg.seeds]
-    problem = stacking_problem(cfg)
-    if problem:
-        raise ConfigError(f"seeds={seeds} cannot be trained stacked: {problem}; train them as separate "
-                          f"runs instead: cnnlab train -m seed={','.join(map(str, seeds))}")
     if stack_device(container(cfg.trainer)) == "cpu":
         log.warning("stacking %d seeds on the CPU: it gains nothing there (measured 0.85-1.2x the time of "
                     "training them one after another, on 2 cores); it pays on an accelerator", len(seeds))
