@@ -242,3 +242,24 @@ def test_reproduce_trains_a_stacked_seed_alone(stacked):
     assert not result.differs, result.verdicts
     new = _client(runs).get_run(result.new)
     assert "stacked" not in new.data.tags and new.data.tags["seed"] == "3"
+
+
+def test_a_kill_between_two_seeds_checkpoints_resumes_both_from_the_older_epoch(stacked, tmp_path, caplog):
+    """Seed 3 wrote epoch 2's last.ckpt, seed 5 was killed before writing its own: both go on from epoch 1."""
+    import shutil
+
+    runs, *_ = stacked
+    for seed in (3, 5):
+        shutil.copytree(runs / "stack" / f"s{seed}", tmp_path / "stack" / f"s{seed}",
+                        ignore=shutil.ignore_patterns(".cnnlab.*", "mlflow_run_id"))
+    folder = tmp_path / "stack" / "s5" / "checkpoints"
+    shutil.copy(folder / "last.prev.ckpt", folder / "last.ckpt")  # as before epoch 2's write
+    with caplog.at_level("INFO", logger="cnnlab"):
+        train_stacked(_jobs(tmp_path, [3, 5], "tracking.enabled=false"))
+    assert "stack resumes after epoch 1 (seeds [3, 5])" in caplog.text  # not from scratch, not epoch 2
+    for seed in (3, 5):
+        ours, theirs = _history(tmp_path / "stack" / f"s{seed}"), _history(runs / "stack" / f"s{seed}")
+        assert [r["epoch"] for r in ours] == [1, 2]
+        assert [r["train/loss"] for r in ours] == pytest.approx([r["train/loss"] for r in theirs], rel=1e-6)
+        last = torch.load(tmp_path / "stack" / f"s{seed}" / "checkpoints" / "last.ckpt", weights_only=True)
+        assert last["epoch"] == 1  # epoch 2, 0-based, trained again for seed 3 too
