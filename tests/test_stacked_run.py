@@ -213,6 +213,8 @@ def test_seeds_that_cannot_stack_are_one_line_before_anything_is_written(tmp_pat
         "error: seeds=[0,1] cannot be trained stacked: data.pipeline=loader: its DataLoader order is not the "
         "memory pipeline's; train them as separate runs instead: cnnlab train -m seed=0,1")
     assert not any(tmp_path.iterdir())
+    assert main(["train", *TINY, f"paths.runs={tmp_path}", "seeds=[0,0]"]) == 2
+    assert "seeds must be null or a list of distinct integers" in capsys.readouterr().err
 
 
 def test_stacked_batches_are_each_seeds_tensor_batches():

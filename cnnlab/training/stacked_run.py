@@ -5,8 +5,9 @@ Each seed is a `SeedJob`: its own config (seed=s, seeds=null: the lone run's con
 run directory and MLflow run, with the lone run's tags and params plus a `stacked` tag, its own
 history.jsonl, per-epoch metrics, artifacts and model. What each copy of the stack sees is what
 its lone run sees: its own data (load_dataset and the validation split are seeded by the seed),
-its own batch order and augmentation (TensorBatches seeded by (seed, epoch)), its own dropout
-masks (StackedDropout's per-copy generators) and BatchNorm statistics (per-copy channels).
+its own batch order and augmentation (StackedBatches: each seed's TensorBatches, bitwise), its
+own dropout masks (StackedDropout's per-copy generators) and BatchNorm statistics (per-copy
+channels).
 
 Why a plain loop and not Lightning's Trainer: a Trainer is one run. Its ModelCheckpoint,
 EarlyStopping, logging and resume all follow one monitored value and write one checkpoint,
