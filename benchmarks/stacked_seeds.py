@@ -89,6 +89,7 @@ def main() -> None:
     # contender timed does not pay them for both.
     with tempfile.TemporaryDirectory() as tmp:
         sequential(args, Path(tmp), [0])
+        stacked(args, Path(tmp), [0])
     rows, per_seed = [], None
     for size in args.seeds:
         seeds = list(range(size))
