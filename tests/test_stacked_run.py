@@ -246,6 +246,7 @@ def test_reproduce_trains_a_stacked_seed_alone(stacked):
     assert "stacked" not in new.data.tags and new.data.tags["seed"] == "3"
 
 
+@pytest.mark.slow  # the default kill-and-resume test above covers a kill between epochs
 def test_a_kill_between_two_seeds_checkpoints_resumes_both_from_the_older_epoch(stacked, tmp_path, caplog):
     """Seed 3 wrote epoch 2's last.ckpt, seed 5 was killed before writing its own: both go on from epoch 1."""
     import shutil
