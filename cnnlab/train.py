@@ -25,7 +25,7 @@ log = logging.getLogger("cnnlab")
 def main(cfg: DictConfig) -> float:
     sweeping = in_multirun()
     try:
-        return train(cfg)
+        return train(cfg).score  # what a sweeper (Optuna) optimises
     except (TrainingError, ConfigError) as error:
         if not sweeping:
             sys.exit(fail(error))
