@@ -46,7 +46,7 @@ def stacked(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     scores = train_stacked(_jobs(runs, [3, 5]))
     lone_score = train(compose([*TINY, f"paths.runs={runs}", "seed=5", "tracking.experiment=lone",
-                                "tracking.log_model=false"]))
+                                "tracking.log_model=false"])).score
     return runs, scores, lone_score
 
 
@@ -79,7 +79,7 @@ def test_a_stacked_seed_is_its_lone_run(stacked):
     assert set(mine.data.metrics) == set(lone.data.metrics)
     arts = lambda run, folder=None: {a.path for a in client.list_artifacts(run.info.run_id, folder)}  # noqa: E731
     assert arts(mine) == arts(lone) - {"hydra"}  # no Hydra here: .hydra/ comes with the launcher
-    assert [o.step for o in mine.outputs.model_outputs] == [0]  # the model (MLflow 3: a LoggedModel)
+    assert len(mine.outputs.model_outputs) == 2  # the model and the classifier (MLflow 3: LoggedModels)
     assert arts(mine, "checkpoints") == arts(lone, "checkpoints") == {"checkpoints/best.ckpt", "checkpoints/last.ckpt"}
     # The seed's checkpoint loads into a lone network, whose weights are the lone run's.
     cfg = compose([*TINY, "seed=5"])

@@ -253,6 +253,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     from cnnlab.data.batches import StackedBatches, TensorDataModule
     from cnnlab.data.sources import load_dataset
     from cnnlab.model.stacked import CopyGuard, StackedNetwork, stacked_loss
+    from cnnlab.training.cpu_share import sample
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.optim import make_optimizer, make_scheduler
     from cnnlab.training.resume import open_run
@@ -260,12 +261,13 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     from cnnlab.training.signals import record_stop
     from cnnlab.training.trainer import one_log_stream, torch_threads
 
+    started = sample()  # other processes' CPU use while this job starts: torch_threads
     cfg = jobs[0].cfg
     plan, data_cfg = checked(cfg)
     runs = Path(cfg.paths.runs).resolve()
     device = torch.device(stack_device(container(cfg.trainer)))
     one_log_stream()
-    threads = torch_threads(cfg.trainer.threads)
+    threads = torch_threads(cfg.trainer.threads, started, cfg.trainer.deterministic)
     if threads:
         torch.set_num_threads(threads)
     if cfg.trainer.benchmark is not None:  # as Lightning's Trainer(benchmark=...) does for a lone run
@@ -520,13 +522,20 @@ def _finish(seeds: list[_Seed], network, evaluate, plan, max_epochs: int, monito
         seed = seeds[s]
         lone = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps, logits=True)
         lone.load_state_dict(network.lone_state_dict(s))
-        write_run_files(seed.job.run_dir, plan, lone, OmegaConf.to_yaml(seed.job.cfg, resolve=True))
+        config_yaml = OmegaConf.to_yaml(seed.job.cfg, resolve=True)
+        write_run_files(seed.job.run_dir, plan, lone, config_yaml, seed.data.classes)
         if seed.tracker:
             seed.tracker.log_metrics({"test/loss": test_loss[s], "test/acc": test_acc[s]}, step=max_epochs)
             log_run_files(seed.tracker, seed.job.run_dir)
             if cfg.tracking.log_model:
                 seed.tracker.patiently(lambda seed=seed, lone=lone: log_pytorch_model(
                     seed.tracker, lone, seed.module, plan), "logging the model")
+                from cnnlab.serving.pyfunc import log_pyfunc_model
+
+                example = seed.data.test_x[:2].permute(0, 2, 3, 1).numpy()  # (2, H, W, C) uint8, as served
+                seed.tracker.patiently(lambda seed=seed, lone=lone, config_yaml=config_yaml, example=example:
+                                       log_pyfunc_model(seed.tracker, lone, config_yaml, seed.data.classes, example),
+                                       "logging the classifier")
             seed.tracker.finish("FINISHED")
         results[seed.job.seed] = float(seed.best)
         log.info("seed %d done: best %s = %.4f; test/acc = %.4f", seed.job.seed, monitor, seed.best, test_acc[s])
@@ -556,11 +565,13 @@ def check_seeds(cfg: DictConfig) -> None:
                           f"runs instead: cnnlab train -m seed={seeds}")
 
 
-def train_seeds(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
-    """Train cfg.seeds as one stack; the mean over seeds of the best `checkpoint.monitor` (NaN if every
-    seed failed). Each seed's run lives in <this command's run dir>/s<seed>; outside a sweep they
-    are the children of a parent run that this command's run dir remembers, so running the same
-    command again resumes them all."""
+def train_seeds(cfg: DictConfig, tags: Mapping[str, str] | None = None):
+    """Train cfg.seeds as one stack. Returns a Result of the group: the parent run (None in a sweep or
+    with tracking off), the folder of the seeds' runs, and as score the mean over seeds of the best
+    `checkpoint.monitor` (NaN if every seed failed); each seed's own results are in its run.
+    Each seed's run lives in <this command's run dir>/s<seed>; outside a sweep they are the
+    children of a parent run that this command's run dir remembers, so running the same command
+    again resumes them all."""
     from cnnlab.training.naming import in_multirun
     from cnnlab.training.resume import RUN_ID_FILE
 
@@ -593,8 +604,11 @@ def train_seeds(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float
         raise
     if parent is not None:
         parent.finish("FINISHED")
+    from cnnlab.training.result import Result
+
     finite = [r for r in results if math.isfinite(r)]
-    return sum(finite) / len(finite) if finite else math.nan
+    return Result(parent.run_id if parent else None, folder, [], {},
+                  sum(finite) / len(finite) if finite else math.nan)
 
 
 def _open_parent(cfg: DictConfig, id_file: Path, seeds: list[int], base: list[str]):
