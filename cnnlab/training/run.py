@@ -55,7 +55,6 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
     import torch
 
     from cnnlab.data.batches import TensorDataModule
-    from cnnlab.model.build import build
     from cnnlab.model.summary import summary_text
     from cnnlab.training.artifacts import log_pytorch_model, log_run_files, write_run_files
     from cnnlab.training.distributed import prepare_strategy, process_rank
@@ -73,7 +72,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
 
     one_log_stream()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    network = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps, logits=True)
+    network = plan.build()  # the layer language's build() or an opaque module's factory (cnnlab.model.plan)
     if cfg.trainer.channels_last:
         network = network.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
@@ -168,7 +167,7 @@ def run_tags(cfg: DictConfig, plan, data_cfg: Mapping, job_overrides: list[str],
 
     return {**provenance_tags(), "overrides": " ".join(job_overrides) or "(none)", "seed": cfg.seed,
             "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
-            "config.hash": config_hash(cfg), "data.fingerprint": fingerprint}
+            "config.hash": config_hash(cfg), "data.fingerprint": fingerprint, **source_tags(plan)}
 
 
 def log_first_params(tracker, cfg: DictConfig, plan, data, fingerprint: str, device) -> None:
@@ -178,15 +177,26 @@ def log_first_params(tracker, cfg: DictConfig, plan, data, fingerprint: str, dev
     log_provenance(tracker)
     tracker.log_params({
         **flatten(container(cfg)),
-        "model.total_params": plan.analysis.total_params,
-        "model.trainable_params": plan.analysis.trainable,
-        "model.macs": plan.analysis.macs,
-        "model.receptive_field": plan.analysis.receptive_field.size[0],
-        "model.layers_expanded": " ".join(plan.tokens),
+        "model.total_params": plan.total_params,
+        "model.trainable_params": plan.trainable,
+        "model.macs": plan.macs,
+        # An opaque module's receptive field is not known: the param is left out (compare shows n/a).
+        **({"model.receptive_field": plan.receptive_field} if plan.receptive_field is not None else {}),
+        "model.layers_expanded": plan.description,
         "data.fingerprint": fingerprint,
         "data.source": data.source,
     })
     tracker.set_tags({"device": str(device)})
+
+
+def source_tags(plan) -> dict[str, str]:
+    """A registered factory's source file and its sha256, which `cnnlab reproduce` checks."""
+    if plan.source is None:
+        return {}
+    from cnnlab.vocabulary import MODEL_SOURCE_HASH_TAG, MODEL_SOURCE_TAG
+
+    path, digest = plan.source
+    return {MODEL_SOURCE_TAG: path, MODEL_SOURCE_HASH_TAG: digest}
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:

@@ -98,7 +98,10 @@ def stacking_problem(cfg: DictConfig) -> str | None:
     from cnnlab.model.stacked import supports_stacking
 
     t, data = cfg.trainer, cfg.data
-    ok, reason = supports_stacking(model_plan(cfg).analysis)
+    plan = model_plan(cfg)
+    if plan.analysis is None:
+        return f"model {plan.name} is an opaque module ({plan.kind}): only the layer language has a stacked form"
+    ok, reason = supports_stacking(plan.analysis)
     if not ok:
         return reason
     settings = {
