@@ -261,7 +261,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     from cnnlab.training.optim import make_optimizer, make_scheduler
     from cnnlab.training.resume import open_run
     from cnnlab.training.run import log_first_params, run_tags
-    from cnnlab.training.signals import record_stop
+    from cnnlab.training.signals import record_stop, watch
     from cnnlab.training.trainer import one_log_stream, torch_threads
 
     started = sample()  # other processes' CPU use while this job starts: torch_threads
@@ -307,6 +307,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
         history = EpochHistory(job.run_dir / "history.jsonl", tracker,
                                0)  # step metrics: one loss for the stack, not logged per seed
         seeds.append(_Seed(job, data, module, tracker, history))
+    watch(*(seed.tracker for seed in seeds))  # the signal watchdog marks them KILLED if a step hangs
     if not seeds:
         return [results[job.seed] for job in jobs]
 
