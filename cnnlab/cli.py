@@ -27,6 +27,7 @@ commands:
   report    Markdown, HTML and LaTeX report of an ablation (experiment or sweep parent run)
   audit     train one config twice on a small budget; largest difference in metrics and weights
   ablate    run a preset's variants in rounds of seeds until each comparison is decided
+  completion  tab completion: eval "$(cnnlab completion bash)" (subcommands; Hydra overrides after train)
 """
 
 
@@ -262,8 +263,25 @@ def _ablate(argv: list[str]) -> int:
     return 0
 
 
+def _completion(argv: list[str]) -> int:
+    from cnnlab.completion import bash_script, query
+
+    parser = argparse.ArgumentParser(prog="cnnlab completion", description=(
+        'Tab completion: eval "$(cnnlab completion bash)" in bash (or in ~/.bashrc) completes the '
+        "subcommands and, after `cnnlab train`, Hydra's config groups, keys and presets."))
+    parser.add_argument("shell", choices=("bash", "query"),
+                        help="bash: print the completion function; query: answer it (reads COMP_LINE, COMP_POINT)")
+    args = parser.parse_args(argv)
+    if args.shell == "bash":
+        print(bash_script(list(COMMANDS)))
+        return 0
+    line = os.environ.get("COMP_LINE", "")
+    query(line[:int(os.environ.get("COMP_POINT", len(line)))])
+    return 0
+
+
 COMMANDS = {"summary": _summary, "train": _train, "compare": _compare, "reproduce": _reproduce,
-            "report": _report, "audit": _audit, "ablate": _ablate}
+            "report": _report, "audit": _audit, "ablate": _ablate, "completion": _completion}
 
 
 # Commands that train: started again once with glibc malloc settings (cnnlab/training/allocator.py).

@@ -47,6 +47,19 @@ PENDING_FILE = "mlflow_pending.jsonl"  # step metrics kept through a tracking-se
 RETRY_S = 30.0  # while the server is away, ask again at most this often between epoch boundaries
 
 
+def epoch_line(row: dict, epochs: int) -> str:
+    """One epoch as one line that fits 80 columns:
+    `epoch 2/5  train loss 1.2345 acc 0.5678  val loss 1.1234 acc 0.6012  41.3 s`.
+    The stage is said once per group; val/acc_best is left out (the final block names the best epoch)."""
+    stages: dict[str, list[str]] = {}
+    for key in EPOCH_METRICS:
+        stage, name = key.split("/")
+        if key in row and not name.endswith("_best"):
+            stages.setdefault(stage, []).append(f"{name} {row[key]:.4f}")
+    groups = "  ".join(f"{stage} {' '.join(values)}" for stage, values in stages.items())
+    return f"epoch {row['epoch']}/{epochs}  {groups}  {row['seconds']:.1f} s"
+
+
 class EpochHistory(L.Callback):
     def __init__(self, path: Path, tracker=None, step_every: int = 0):
         self.path = path
@@ -85,8 +98,7 @@ class EpochHistory(L.Callback):
             row[LEARNING_RATE] = self.lr
         rows = [r for r in read_history(self.path) if r["epoch"] < epoch] + [row]
         write_history(rows, self.path)
-        text = "  ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS if k in row)
-        log.info("epoch %d/%d  %s  %.1f s", epoch, trainer.max_epochs, text, row["seconds"])
+        log.info("%s", epoch_line(row, trainer.max_epochs))
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # on_fit_end, not on_train_end: a run killed after its last checkpoint resumes with

@@ -30,7 +30,10 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     from cnnlab.training.resume import run_directory_lock
     from cnnlab.training.signals import handled
 
-    with run_directory_lock(run_directory(cfg, run_name(cfg, overrides())), held=process_rank() == 0), handled():
+    from cnnlab.training.console import captured_warnings
+
+    with run_directory_lock(run_directory(cfg, run_name(cfg, overrides())), held=process_rank() == 0), handled(), \
+            captured_warnings():  # warnings reach train.log too (and the console, less the noise)
         return _train(cfg, tags)
 
 
@@ -152,9 +155,24 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
         tracker.finish("FINISHED")
     score = saved[0].best_model_score
     result = float(score) if score is not None else float(trainer.callback_metrics[cfg.checkpoint.monitor])
-    log.info("done: best %s = %.4f; test/acc = %.4f", cfg.checkpoint.monitor, result,
-             float(trainer.callback_metrics["test/acc"]))
+    if rank_zero:
+        log.info("%s", _outcome(cfg, run_dir, tracker, trainer.callback_metrics))
     return result
+
+
+def _outcome(cfg: DictConfig, run_dir: Path, tracker, metrics: Mapping) -> str:
+    """The final block: best epoch, the tested checkpoint's scores, the MLflow run and its dashboard."""
+    from cnnlab.tracking.dashboard import dashboard
+    from cnnlab.training.artifacts import read_history
+    from cnnlab.training.outcome import outcome_text
+
+    where = None
+    if tracker:
+        run = tracker.patiently(lambda: tracker.client.get_run(tracker.run_id), "reading the run")
+        where = dashboard(tracker.uri, run.info.experiment_id, tracker.run_id)
+    return outcome_text(read_history(run_dir / "history.jsonl"), cfg.checkpoint.monitor, cfg.checkpoint.mode,
+                        cfg.checkpoint.test, {k: float(metrics[k]) for k in TEST_METRICS}, where,
+                        tracker.run_id if tracker else None)
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:
