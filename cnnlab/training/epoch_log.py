@@ -36,6 +36,7 @@ import lightning as L
 
 from cnnlab.tracking.store import is_unreachable, root_cause
 from cnnlab.training.artifacts import read_history, write_history
+from cnnlab.training.run_text import epoch_line
 from cnnlab.vocabulary import EPOCH_METRICS, LEARNING_RATE
 from cnnlab.vocabulary import EPOCH_TIME as EPOCH_KEY
 
@@ -45,19 +46,6 @@ log = logging.getLogger("cnnlab")
 
 PENDING_FILE = "mlflow_pending.jsonl"  # step metrics kept through a tracking-server outage
 RETRY_S = 30.0  # while the server is away, ask again at most this often between epoch boundaries
-
-
-def epoch_line(row: dict, epochs: int) -> str:
-    """One epoch as one line that fits 80 columns:
-    `epoch 2/5  train loss 1.2345 acc 0.5678  val loss 1.1234 acc 0.6012  41.3 s`.
-    The stage is said once per group; val/acc_best is left out (the final block names the best epoch)."""
-    stages: dict[str, list[str]] = {}
-    for key in EPOCH_METRICS:
-        stage, name = key.split("/")
-        if key in row and not name.endswith("_best"):
-            stages.setdefault(stage, []).append(f"{name} {row[key]:.4f}")
-    groups = "  ".join(f"{stage} {' '.join(values)}" for stage, values in stages.items())
-    return f"epoch {row['epoch']}/{epochs}  {groups}  {row['seconds']:.1f} s"
 
 
 class EpochHistory(L.Callback):

@@ -30,10 +30,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
     from cnnlab.training.resume import run_directory_lock
     from cnnlab.training.signals import handled
 
-    from cnnlab.training.console import captured_warnings
-
-    with run_directory_lock(run_directory(cfg, run_name(cfg, overrides())), held=process_rank() == 0), handled(), \
-            captured_warnings():  # warnings reach train.log too (and the console, less the noise)
+    with run_directory_lock(run_directory(cfg, run_name(cfg, overrides())), held=process_rank() == 0), handled():
         return _train(cfg, tags)
 
 
@@ -164,7 +161,7 @@ def _outcome(cfg: DictConfig, run_dir: Path, tracker, metrics: Mapping) -> str:
     """The final block: best epoch, the tested checkpoint's scores, the MLflow run and its dashboard."""
     from cnnlab.tracking.dashboard import dashboard
     from cnnlab.training.artifacts import read_history
-    from cnnlab.training.outcome import outcome_text
+    from cnnlab.training.run_text import outcome_text
 
     where = None
     if tracker:

@@ -1,10 +1,24 @@
-"""The block a run ends with: its best epoch, what the tested weights scored, and where to see it."""
+"""The text a run prints: one line per epoch, and the block it ends with (its best epoch, what the
+tested weights scored, where to see it). Plain functions of history rows, without torch or Lightning."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from cnnlab.vocabulary import TEST_METRICS
+from cnnlab.vocabulary import EPOCH_METRICS, TEST_METRICS
+
+
+def epoch_line(row: Mapping, epochs: int) -> str:
+    """One epoch (a history row) as one line that fits 80 columns:
+    `epoch 2/5  train loss 1.2345 acc 0.5678  val loss 1.1234 acc 0.6012  41.3 s`.
+    The stage is said once per group; val/acc_best is left out (the final block names the best epoch)."""
+    stages: dict[str, list[str]] = {}
+    for key in EPOCH_METRICS:
+        stage, name = key.split("/")
+        if key in row and not name.endswith("_best"):
+            stages.setdefault(stage, []).append(f"{name} {row[key]:.4f}")
+    groups = "  ".join(f"{stage} {' '.join(values)}" for stage, values in stages.items())
+    return f"epoch {row['epoch']}/{epochs}  {groups}  {row['seconds']:.1f} s"
 
 
 def best_epoch(rows: Sequence[Mapping], monitor: str, mode: str) -> Mapping:
