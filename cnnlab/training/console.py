@@ -24,6 +24,8 @@ NOISE = (
     ("lightning.pytorch.utilities.rank_zero", "to estimate number of stepping batches"),
     # torch 2.14 deprecates LeafSpec, which lightning/pytorch/utilities/_pytree.py still uses
     ("py.warnings", "`isinstance(treespec, LeafSpec)` is deprecated"),
+    # checkpoint.test=best: cnnlab's first ModelCheckpoint is the best one by construction (trainer.py)
+    ("py.warnings", "is called with Trainer configured with multiple `ModelCheckpoint` callbacks"),
 )
 
 
@@ -39,7 +41,7 @@ class ConsoleFormat(logging.Formatter):
     """The message alone (the log file has the time and the logger); warnings and errors say so."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        text = super().format(record).rstrip()  # a captured warning ends with a newline of its own
         if record.levelno >= logging.WARNING and record.name != "py.warnings":  # a warning names itself
             return f"{record.levelname.lower()}: {text}"
         return text

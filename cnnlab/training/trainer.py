@@ -115,8 +115,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list):
     from cnnlab.training.progress import EpochBar
 
     t = cfg.trainer
-    # null: a bar when stdout (where the bar and the log lines go) is a terminal; never in a log file.
-    bar = sys.stdout.isatty() if t.enable_progress_bar is None else t.enable_progress_bar
+    # A bar only where one can be drawn: stdout (where it and the log lines go) is a terminal. In a log
+    # file or a pipe, a bar would be control codes and blank lines; false turns it off on a terminal too.
+    bar = t.enable_progress_bar is not False and sys.stdout.isatty()
     return L.Trainer(
         max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices,
         strategy=t.strategy, num_nodes=t.num_nodes, sync_batchnorm=t.sync_batchnorm,
