@@ -115,6 +115,13 @@ def test_terminal_shows_every_epoch_line_whole_above_the_bar(tmp_path):
     output = _in_terminal([*TRAIN, f"paths.runs={tmp_path}"], tmp_path)
     assert b"\x1b[" in output and "━".encode() in output, "no bar was drawn"
     assert b"epoch 1/3 val" in output  # the bar counts epochs from 1, as the lines do
+    # The screen as the bar of epoch 2 is first drawn (cut before its next redraw erases it): the bar is
+    # on the row below the line of epoch 1, which stays whole.
+    drawn = output.index(b"epoch 2/3 \x1b[")
+    rows = _screen_lines(output[:output.rindex(b"\r", 0, output.index(b"epoch 2/3 ", drawn + 1))])
+    rows = [row for row in rows if row]
+    assert rows[-1].startswith("epoch 2/3 ") and "━" in rows[-1] and len(rows[-1]) <= COLUMNS
+    assert EPOCH_LINE.fullmatch(rows[-2]) and rows[-2].startswith("epoch 1/3  train")
     lines = _screen_lines(output)
     _check_run_output(lines, tmp_path)
     assert not any("━" in line for line in lines), "the bar stays on screen after the run"
