@@ -1,10 +1,11 @@
 """Tab completion in bash: `eval "$(cnnlab completion bash)"`.
 
 Hydra registers its completion per executable (`APP -sc install=bash` completes `APP`'s own
-arguments), and cnnlab's Hydra app has no executable of its own: it is `cnnlab train`. So the
-function printed here completes the subcommand names itself and, after `cnnlab train`, asks
-`cnnlab completion query`, which hands the line, without `cnnlab`, to Hydra's BashCompletion on
-cnnlab's config (config groups, keys, a group's presets: `model=` lists baseline, resnet, ...).
+arguments), and cnnlab's Hydra app has no executable of its own: it is `cnnlab train` (whose
+`-sc install=bash`, as Hydra's help shows it, prints this same script). So the function printed
+here completes the subcommand names itself and, after `cnnlab train`, asks `cnnlab completion
+query`, which hands the line, without `cnnlab`, to Hydra's BashCompletion on cnnlab's config
+(config groups, keys, a group's presets: `model=` lists baseline, resnet, ...).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ SCRIPT = """_cnnlab_completion()
 COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
 complete -o default -F _cnnlab_completion cnnlab
 """
+
+UNINSTALL = "complete -r cnnlab 2>/dev/null; unset -f _cnnlab_completion"
 
 
 def bash_script(commands: list[str]) -> str:

@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> float:
     sweeping = in_multirun()
     try:
         with captured_warnings():  # in the job's log file too; on the console less the noise (conf/train.yaml)
-            return train(cfg)
+            return train(cfg).score  # what a sweeper (Optuna) optimises
     except (TrainingError, ConfigError) as error:
         if not sweeping:
             sys.exit(fail(error))

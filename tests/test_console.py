@@ -178,15 +178,6 @@ def test_epoch_line_fits_80_columns_up_to_999_epochs():
     assert len(line) <= COLUMNS
 
 
-def test_best_epoch_is_the_one_the_checkpoint_keeps():
-    from cnnlab.training.run_text import best_epoch
-
-    rows = [{"epoch": 1, "val/loss": 0.9, "val/acc": 0.5}, {"epoch": 2, "val/loss": 0.7, "val/acc": 0.6},
-            {"epoch": 3, "val/loss": 0.7, "val/acc": 0.7}, {"epoch": 4, "val/loss": 0.8, "val/acc": 0.6}]
-    assert best_epoch(rows, "val/loss", "min")["epoch"] == 2  # a later tie is not an improvement
-    assert best_epoch(rows, "val/acc", "max")["epoch"] == 3
-
-
 def test_dashboard_for_each_kind_of_store(tmp_path, monkeypatch):
     from cnnlab.tracking.dashboard import dashboard
 

@@ -365,7 +365,7 @@ TRACKING = Group("tracking", {
                  "null or a non-empty string (sqlite:///PATH, http://HOST:PORT, a database URI)", nullable=True),
     "experiment": Name(500, "the MLflow experiment (MLflow keeps names of at most 500 characters)"),
     "run_name": Name(500, nullable=True),
-    "log_model": Flag("the final model in MLflow's pytorch flavour"),
+    "log_model": Flag("the final model: MLflow's pytorch flavour and the pyfunc classifier"),
     "step_metrics": Flag("also log train/loss every step_every steps"),
     "step_every": Int(1, unit="steps"),
     "timeout_s": Number(0.0, low_open=True, unit="seconds"),

@@ -64,14 +64,17 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+# classes.json: the data's class names in label order, so a run's model is served without its data.
+CLASSES_FILE = "classes.json"
 RUN_FILES = ("summary.txt", "summary.json", "config.yaml", "weights.txt", "curves.png",
-             "history.jsonl")
+             "history.jsonl", CLASSES_FILE)
 
 
-def write_run_files(run_dir: Path, plan, network: nn.Module, config_yaml: str) -> None:
+def write_run_files(run_dir: Path, plan, network: nn.Module, config_yaml: str, classes: list[str]) -> None:
     """Everything a finished run leaves in its directory, besides checkpoints."""
     from cnnlab.model.summary import summary_dict, summary_text
 
+    (run_dir / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
     (run_dir / "summary.txt").write_text(summary_text(plan) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary_dict(plan), indent=2) + "\n")
     (run_dir / "config.yaml").write_text(config_yaml)

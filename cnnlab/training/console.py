@@ -38,31 +38,29 @@ class ThirdPartyNoise(logging.Filter):
 
 
 class ConsoleFormat(logging.Formatter):
-    """The message alone (the log file has the time and the logger); warnings and errors say so."""
+    """The message alone (the log file has the time and the logger); above INFO, after `warning: `
+    (`error: `), except a Python warning, which names itself."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record).rstrip()  # a captured warning ends with a newline of its own
-        if record.levelno >= logging.WARNING and record.name != "py.warnings":  # a warning names itself
+        if record.levelno > logging.INFO and record.name != "py.warnings":
             return f"{record.levelname.lower()}: {text}"
         return text
 
 
-class ConsoleHandler(logging.Handler):
-    """Writes to whatever sys.stdout is at the time of the record, not the stream it was created with:
-    while the progress bar (cnnlab.training.progress) is drawn, Rich replaces sys.stdout with a proxy
-    that prints above the bar, so log lines scroll up and the bar stays below them."""
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to sys.stdout as it is at the time of each record, not the stream of its creation.
+    While the progress bar (cnnlab.training.progress) is drawn, Rich replaces sys.stdout with a
+    proxy that prints above the bar, so the log lines scroll up and the bar stays below them; in
+    Jupyter, sys.stdout is replaced for every cell. Formats with ConsoleFormat unless told otherwise."""
 
-    def __init__(self, level: int = logging.NOTSET, stream=None):
-        super().__init__(level)  # `stream` is Hydra's default for its own console handler; not used
+    def __init__(self, stream=None):  # `stream`: Hydra's default for its console handler; not used
+        super().__init__(sys.stdout)
+        self.setFormatter(ConsoleFormat())
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = self.format(record)
-            stream = sys.stdout
-            stream.write(text + "\n")
-            stream.flush()
-        except Exception:
-            self.handleError(record)
+        self.stream = sys.stdout  # (emit runs under the handler's lock)
+        super().emit(record)
 
 
 @contextmanager

@@ -78,6 +78,7 @@ def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
     status = tracker.run_status(previous) if previous else None
     done = already_complete(resume_from, cfg.trainer.max_epochs) if status == "FINISHED" else None
     if done is not None:
+        tracker.run_id = previous  # the finished run, read back but not reopened
         log.info("run %s already trained %d epochs (MLflow run %s); raise trainer.max_epochs "
                  "to continue it", name, cfg.trainer.max_epochs, previous)
         return tracker, done

@@ -1,6 +1,6 @@
 """One tracked training run, top to bottom: check -> data -> open or resume the MLflow run ->
-fit (resuming if this run directory has a checkpoint) -> test -> artifacts -> the monitored
-metric, returned to the caller (a sweeper, a test)."""
+fit (resuming if this run directory has a checkpoint) -> test -> artifacts -> a Result (the MLflow
+run, the run folder, the epochs, the final metrics and the monitored value a sweeper gets)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ from cnnlab.config.compose import config_hash, container, flatten
 from cnnlab.training import collector
 from cnnlab.training.checks import check_batch_limits, checked
 from cnnlab.training.naming import overrides, run_directory, run_name, sweep_tags
+from cnnlab.training.result import Result, run_result
 from cnnlab.vocabulary import TEST_METRICS
 
 log = logging.getLogger("cnnlab")
 
 
-def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
-    """Train, test and track one run; return the best value of `checkpoint.monitor`.
+def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> Result:
+    """Train, test and track one run; return its Result (`.score`: the best value of
+    `checkpoint.monitor`, what the Hydra app returns to a sweeper).
 
     `tags` are added to a new MLflow run (`cnnlab reproduce` links runs this way). The run
     directory is locked for the whole run: a second process on it stops with RunInUse.
@@ -34,9 +36,12 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
         return _train(cfg, tags)
 
 
-def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
+def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
     plan, data_cfg = checked(cfg)
     from cnnlab.data.sources import load_dataset
+    from cnnlab.training.cpu_share import sample
+
+    started = sample()  # other processes' CPU use while this run starts: torch_threads
 
     runs = Path(cfg.paths.runs).resolve()
     data = load_dataset(data_cfg, Path(cfg.paths.cache), cfg.seed)
@@ -54,7 +59,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.module import Classifier
     from cnnlab.training.resume import open_run, resume_point
-    from cnnlab.training.signals import preemption_callback, record_stop
+    from cnnlab.training.signals import preemption_callback, record_stop, watch
     from cnnlab.training.trainer import checkpoints, early_stopping, make_trainer, one_log_stream, torch_threads
 
     job_overrides = overrides()
@@ -71,7 +76,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     if cfg.trainer.compile:
         network.compile(mode=cfg.trainer.compile)  # in place: parameter names stay the same
     prepare_strategy(str(cfg.trainer.strategy))
-    threads = torch_threads(cfg.trainer.threads)
+    threads = torch_threads(cfg.trainer.threads, started, cfg.trainer.deterministic)
     if threads:
         torch.set_num_threads(threads)
 
@@ -86,8 +91,13 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
             "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
             "config.hash": config_hash(cfg), "data.fingerprint": fingerprint,
             **sweep_tags(job_overrides), **(tags or {})}, resume_from)
-        if done is not None:
-            return done
+        if done is not None:  # a finished run: what it left behind, nothing trained again
+            stored = tracker.run_metrics()
+            result = run_result(tracker.run_id, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode, done,
+                                {k: stored[k] for k in TEST_METRICS})
+            log.info("%s", _outcome(cfg, result, tracker))  # where it is, as when it was trained
+            return result
+        watch(tracker)  # marked KILLED by the signal watchdog if a step holds off a signal too long
     log.info("run %s in %s%s, %d torch threads", name, run_dir,
              f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)", torch.get_num_threads())
     log.info("\n%s", summary_text(plan))
@@ -131,16 +141,22 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
         # then the run's model); last: the weights after the last epoch, as the chapter does.
         trainer.test(module, datamodule=datamodule, verbose=False, weights_only=True,
                      ckpt_path="best" if cfg.checkpoint.test == "best" else None)
+        tested = {k: float(trainer.callback_metrics[k]) for k in TEST_METRICS}
         if tracker:
-            tracker.log_metrics({k: float(trainer.callback_metrics[k]) for k in TEST_METRICS},
-                                step=trainer.current_epoch)
+            tracker.log_metrics(tested, step=trainer.current_epoch)
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         if rank_zero:
-            write_run_files(run_dir, plan, network, OmegaConf.to_yaml(cfg, resolve=True))
+            write_run_files(run_dir, plan, network, config_yaml, data.classes)
         if tracker:
             log_run_files(tracker, run_dir)
             if cfg.tracking.log_model:
                 tracker.patiently(lambda: log_pytorch_model(tracker, network, datamodule, plan),
                                   "logging the model")
+                from cnnlab.serving.pyfunc import log_pyfunc_model
+
+                example = data.test_x[:2].permute(0, 2, 3, 1).numpy()  # (2, H, W, C) uint8, as served
+                tracker.patiently(lambda: log_pyfunc_model(tracker, network, config_yaml, data.classes, example),
+                                  "logging the classifier")
     except BaseException as error:
         instead = record_stop(error, tracker, preemption)  # KILLED by a signal (then Interrupted), or FAILED
         if instead is not None:
@@ -151,25 +167,24 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     if tracker:
         tracker.finish("FINISHED")
     score = saved[0].best_model_score
-    result = float(score) if score is not None else float(trainer.callback_metrics[cfg.checkpoint.monitor])
+    best = float(score) if score is not None else float(trainer.callback_metrics[cfg.checkpoint.monitor])
+    result = run_result(tracker.run_id if tracker else None, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode,
+                        best, tested)
     if rank_zero:
-        log.info("%s", _outcome(cfg, run_dir, tracker, trainer.callback_metrics))
+        log.info("%s", _outcome(cfg, result, tracker))
     return result
 
 
-def _outcome(cfg: DictConfig, run_dir: Path, tracker, metrics: Mapping) -> str:
+def _outcome(cfg: DictConfig, result, tracker) -> str:
     """The final block: best epoch, the tested checkpoint's scores, the MLflow run and its dashboard."""
     from cnnlab.tracking.dashboard import dashboard
-    from cnnlab.training.artifacts import read_history
     from cnnlab.training.run_text import outcome_text
 
     where = None
     if tracker:
         run = tracker.patiently(lambda: tracker.client.get_run(tracker.run_id), "reading the run")
         where = dashboard(tracker.uri, run.info.experiment_id, tracker.run_id)
-    return outcome_text(read_history(run_dir / "history.jsonl"), cfg.checkpoint.monitor, cfg.checkpoint.mode,
-                        cfg.checkpoint.test, {k: float(metrics[k]) for k in TEST_METRICS}, where,
-                        tracker.run_id if tracker else None)
+    return outcome_text(result, cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.test, where)
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:
