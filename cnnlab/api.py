@@ -193,11 +193,14 @@ def _log_to_stdout(enabled: bool) -> Iterator[None]:
 
 
 def _shown(logger: logging.Logger) -> bool:
+    from cnnlab.training.console import ConsoleHandler
+
     streams = (sys.stdout, sys.stderr)
     current: logging.Logger | None = logger
     while current is not None:
-        if any(isinstance(h, logging.StreamHandler) and h.stream in streams and h.level <= logging.INFO
-               for h in current.handlers):
+        # A ConsoleHandler (one a `cnnlab train` in this process left on the root) writes to sys.stdout as it is now.
+        if any(isinstance(h, logging.StreamHandler) and (isinstance(h, ConsoleHandler) or h.stream in streams)
+               and h.level <= logging.INFO for h in current.handlers):
             return True
         current = current.parent if current.propagate else None
     return False

@@ -13,6 +13,7 @@ import termios
 from pathlib import Path
 
 import pyte
+import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnlab.config.compose import CONF_DIR
@@ -188,3 +189,15 @@ def test_dashboard_for_each_kind_of_store(tmp_path, monkeypatch):
     assert dashboard("http://mlflow-host:5000/", "4", "r1") == (None, "http://mlflow-host:5000/#/experiments/4/runs/r1")
     command, _ = dashboard("postgresql://me:secret@db/mlflow", "4", "r1")
     assert command == "mlflow ui --backend-store-uri postgresql://me:***@db/mlflow"
+
+
+def test_hydra_help_and_train_sc_install_give_cnnlab_completion(capsys):
+    from cnnlab.cli import main
+
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    assert main(["train", "-sc", "install=bash"]) == 0  # what `cnnlab train --hydra-help` tells users to eval
+    assert capsys.readouterr().out == script and "complete -o default -F _cnnlab_completion cnnlab" in script
+    with pytest.raises(SystemExit):
+        main(["train", "--hydra-help"])
+    assert 'eval "$(cnnlab train -sc install=bash)"' in capsys.readouterr().out
