@@ -116,6 +116,8 @@ def test_terminal_shows_every_epoch_line_whole_above_the_bar(tmp_path):
     output = _in_terminal([*TRAIN, f"paths.runs={tmp_path}"], tmp_path)
     assert b"\x1b[" in output and "━".encode() in output, "no bar was drawn"
     assert b"epoch 1/3 val" in output  # the bar counts epochs from 1, as the lines do
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode())  # without colours and cursor moves
+    assert re.search(r"epoch 3/3 [━╺╸][^\r\n]* 1/4 [^\r\n]*loss \d\.\d{4}", plain)  # batches, running loss
     # The screen as the bar of epoch 2 is first drawn (cut before its next redraw erases it): the bar is
     # on the row below the line of epoch 1, which stays whole.
     drawn = output.index(b"epoch 2/3 \x1b[")
