@@ -1,8 +1,8 @@
 """cnnlab: CNN experiments as data, trained with Lightning, composed with Hydra, tracked in MLflow.
 
-The Python API (`cnnlab.train`, `cnnlab.summary`, `cnnlab.compare`, `cnnlab.load`) is loaded on first use
-(PEP 562): every `cnnlab` command imports this package, and none of them should pay for torch,
-Lightning or MLflow before it needs them.
+The Python API (`cnnlab.train`, `cnnlab.summary`, `cnnlab.compare`, `cnnlab.load`,
+`cnnlab.register_model`) is loaded on first use (PEP 562): every `cnnlab` command imports this
+package, and none of them should pay for torch, Lightning or MLflow before it needs them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ _LAZY = {
     "compare": "cnnlab.api:compare",
     "Result": "cnnlab.training.result:Result",
     "load": "cnnlab.serving.load:load",
+    "register_model": "cnnlab.model.registry:register_model",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -29,7 +29,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _readme_python() -> str:
-    (block,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    """The ```python block of the README's "Python API" section (other sections have their own)."""
+    section = README.read_text().split("\n## Python API", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     return block
 
 

@@ -112,12 +112,12 @@ def preprocess_for(cfg: DictConfig) -> Preprocess:
 
 
 def network_for(cfg: DictConfig) -> nn.Module:
-    """The network a run's resolved config trains (logits out), freshly initialised."""
-    from cnnlab.model.build import build
+    """The network a run's resolved config trains (logits out), freshly initialised: the layer language's
+    or an opaque module's (a registered factory must be registered in this process, or an entry point).
+    Pretrained torchvision weights are not read: the run's checkpoint replaces every value."""
     from cnnlab.model.plan import model_plan
 
-    plan = model_plan(cfg)
-    return build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps, logits=True)
+    return model_plan(cfg).build(pretrained=False)
 
 
 @dataclass

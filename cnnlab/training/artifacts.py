@@ -104,10 +104,8 @@ def log_pytorch_model(tracker, network: nn.Module, datamodule, plan) -> None:
     import torch
     from mlflow.models import infer_signature
 
-    from cnnlab.model.build import ends_in_softmax
-
     model = copy.deepcopy(network).cpu().eval()
-    if ends_in_softmax(plan.analysis):
+    if plan.ends_in_softmax:
         model = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))
     x = next(iter(datamodule.test_dataloader()))[0][:2].cpu()
     with torch.no_grad():

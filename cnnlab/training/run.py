@@ -51,7 +51,6 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
     import torch
 
     from cnnlab.data.batches import TensorDataModule
-    from cnnlab.model.build import build
     from cnnlab.model.summary import summary_text
     from cnnlab.tracking.provenance import log_provenance, provenance_tags
     from cnnlab.training.artifacts import log_pytorch_model, log_run_files, write_run_files
@@ -70,7 +69,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
 
     one_log_stream()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    network = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps, logits=True)
+    network = plan.build()  # the layer language's build() or an opaque module's factory (cnnlab.model.plan)
     if cfg.trainer.channels_last:
         network = network.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
@@ -90,7 +89,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
             **provenance_tags(), "overrides": " ".join(job_overrides) or "(none)", "seed": cfg.seed,
             "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
             "config.hash": config_hash(cfg), "data.fingerprint": fingerprint,
-            **sweep_tags(job_overrides), **(tags or {})}, resume_from)
+            **sweep_tags(job_overrides), **source_tags(plan), **(tags or {})}, resume_from)
         if done is not None:  # a finished run: what it left behind, nothing trained again
             stored = tracker.run_metrics()
             result = run_result(tracker.run_id, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode, done,
@@ -120,11 +119,12 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
             log_provenance(tracker)
             tracker.log_params({
                 **flatten(container(cfg)),
-                "model.total_params": plan.analysis.total_params,
-                "model.trainable_params": plan.analysis.trainable,
-                "model.macs": plan.analysis.macs,
-                "model.receptive_field": plan.analysis.receptive_field.size[0],
-                "model.layers_expanded": " ".join(plan.tokens),
+                "model.total_params": plan.total_params,
+                "model.trainable_params": plan.trainable,
+                "model.macs": plan.macs,
+                # An opaque module's receptive field is not known: the param is left out (compare shows n/a).
+                **({"model.receptive_field": plan.receptive_field} if plan.receptive_field is not None else {}),
+                "model.layers_expanded": plan.description,
                 "data.fingerprint": fingerprint,
                 "data.source": data.source,
             })
@@ -185,6 +185,16 @@ def _outcome(cfg: DictConfig, result, tracker) -> str:
         run = tracker.patiently(lambda: tracker.client.get_run(tracker.run_id), "reading the run")
         where = dashboard(tracker.uri, run.info.experiment_id, tracker.run_id)
     return outcome_text(result, cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.test, where)
+
+
+def source_tags(plan) -> dict[str, str]:
+    """A registered factory's source file and its sha256, which `cnnlab reproduce` checks."""
+    if plan.source is None:
+        return {}
+    from cnnlab.vocabulary import MODEL_SOURCE_HASH_TAG, MODEL_SOURCE_TAG
+
+    path, digest = plan.source
+    return {MODEL_SOURCE_TAG: path, MODEL_SOURCE_HASH_TAG: digest}
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:
