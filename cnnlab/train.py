@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from cnnlab.config.compose import CONF_DIR
 from cnnlab.errors import ConfigError, RunInUse, TrainingError, fail
 from cnnlab.training.checks import refuse_object_overrides
+from cnnlab.training.console import captured_warnings
 from cnnlab.training.naming import in_multirun
 from cnnlab.training.run import record_failure, train
 
@@ -25,7 +26,8 @@ log = logging.getLogger("cnnlab")
 def main(cfg: DictConfig) -> float:
     sweeping = in_multirun()
     try:
-        return train(cfg).score  # what a sweeper (Optuna) optimises
+        with captured_warnings():  # in the job's log file too; on the console less the noise (conf/train.yaml)
+            return train(cfg).score  # what a sweeper (Optuna) optimises
     except (TrainingError, ConfigError) as error:
         if not sweeping:
             sys.exit(fail(error))

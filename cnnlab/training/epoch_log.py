@@ -36,6 +36,7 @@ import lightning as L
 
 from cnnlab.tracking.store import is_unreachable, root_cause
 from cnnlab.training.artifacts import read_history, write_history
+from cnnlab.training.run_text import epoch_line
 from cnnlab.vocabulary import EPOCH_METRICS, LEARNING_RATE
 from cnnlab.vocabulary import EPOCH_TIME as EPOCH_KEY
 
@@ -92,8 +93,7 @@ class EpochHistory(L.Callback):
             row[LEARNING_RATE] = self.lr
         rows = [r for r in read_history(self.path) if r["epoch"] < epoch] + [row]
         write_history(rows, self.path)
-        text = "  ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS if k in row)
-        log.info("%sepoch %d/%d  %s  %.1f s", label, epoch, max_epochs, text, row["seconds"])
+        log.info("%s%s", label, epoch_line(row, max_epochs))
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # on_fit_end, not on_train_end: a run killed after its last checkpoint resumes with

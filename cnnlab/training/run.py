@@ -93,8 +93,10 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
             **sweep_tags(job_overrides), **(tags or {})}, resume_from)
         if done is not None:  # a finished run: what it left behind, nothing trained again
             stored = tracker.run_metrics()
-            return run_result(tracker.run_id, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode, done,
-                              {k: stored[k] for k in TEST_METRICS})
+            result = run_result(tracker.run_id, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode, done,
+                                {k: stored[k] for k in TEST_METRICS})
+            log.info("%s", _outcome(cfg, result, tracker))  # where it is, as when it was trained
+            return result
         watch(tracker)  # marked KILLED by the signal watchdog if a step holds off a signal too long
     log.info("run %s in %s%s, %d torch threads", name, run_dir,
              f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)", torch.get_num_threads())
@@ -155,9 +157,23 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
         tracker.finish("FINISHED")
     score = saved[0].best_model_score
     best = float(score) if score is not None else float(trainer.callback_metrics[cfg.checkpoint.monitor])
-    log.info("done: best %s = %.4f; test/acc = %.4f", cfg.checkpoint.monitor, best, tested["test/acc"])
-    return run_result(tracker.run_id if tracker else None, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode,
-                      best, tested)
+    result = run_result(tracker.run_id if tracker else None, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode,
+                        best, tested)
+    if rank_zero:
+        log.info("%s", _outcome(cfg, result, tracker))
+    return result
+
+
+def _outcome(cfg: DictConfig, result, tracker) -> str:
+    """The final block: best epoch, the tested checkpoint's scores, the MLflow run and its dashboard."""
+    from cnnlab.tracking.dashboard import dashboard
+    from cnnlab.training.run_text import outcome_text
+
+    where = None
+    if tracker:
+        run = tracker.patiently(lambda: tracker.client.get_run(tracker.run_id), "reading the run")
+        where = dashboard(tracker.uri, run.info.experiment_id, tracker.run_id)
+    return outcome_text(result, cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.test, where)
 
 
 def run_tags(cfg: DictConfig, plan, data_cfg: Mapping, job_overrides: list[str], run_dir: Path,
