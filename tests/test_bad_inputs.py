@@ -289,6 +289,17 @@ CASES = [
          "layer 0 (conv 4 40x40, valid)", "needs at least 40x40 input, got 16x16"),
     case("model-lenet-does-not-fit", ["model=lenet"], "layer 4 (conv 6 5x5, valid, sigmoid)",
          "needs at least 5x5 input, got 1x1"),
+    # model: resource bombs, refused before anything is allocated (cnnlab.training.budget)
+    case("budget-model-widths", ["model.widths=[1000000]"], "the run needs about", "activations at batch size 32",
+         "memory available", "model.widths"),
+    case("budget-dense-1e9-units", ["model=custom", "model.layers=[flatten,dense:1000000000,dense:4:softmax]"],
+         "the run needs about", "parameters, gradients and adam state", "TiB", "memory available"),
+    case("budget-synthetic-1e9-images", ["data.n_train=1000000000"], "the run needs about", "(data ",
+         "memory available", "data.n_train"),
+    case("budget-synthetic-20000x20000", ["data.shape=[3,20000,20000]"], "the run needs about", "TiB",
+         "memory available", "data.shape"),
+    case("budget-kernel-2001-compute", ["model=custom", "model.layers=[conv:8:2001:same,gap,dense:4:softmax]"],
+         "2.46e+10 multiply-accumulates per image", "trainer.max_macs=1e+10"),
     # model: custom layer tokens
     case("layers-unknown-token", ["model=custom", "model.layers=[conv:4:3,pool,flatten,dense:4]"],
          "unknown layer 'pool'", "allowed: conv,", "maxpool, avgpool"),

@@ -214,6 +214,7 @@ TRAINER = Group("trainer", {
                                       "gradient_clip_val | value: clamp each gradient to +-gradient_clip_val"),
     "accumulate_grad_batches": Int(1, "batches whose gradients are summed before each optimizer step"),
     "enable_progress_bar": Flag(nullable=True, hint=" (a bar on a terminal)"),
+    "max_macs": Number(1, doc="refuse a network of more multiply-accumulates per image"),
     "threads": Int(1, "torch CPU threads; null: split the cores between parallel jobs", nullable=True),
     "compile": Choice(COMPILE_MODES, "torch.compile mode", nullable=True),
     "benchmark": Flag("cudnn.benchmark", nullable=True),
