@@ -142,6 +142,66 @@ def empty_file_as_archive(tmp: Path) -> list[str]:
     return [*FOLDER, f"data.archive={tmp / 'tree.tar.gz'}"]
 
 
+def _declare_png_size(path: Path, width: int, height: int) -> None:
+    """Rewrite a PNG's IHDR to declare another size (its CRC too): an 8 KB file 'of' any size."""
+    import zlib
+
+    raw = bytearray(path.read_bytes())
+    raw[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    raw[29:33] = zlib.crc32(bytes(raw[12:29])).to_bytes(4, "big")  # over 'IHDR' and its 13 bytes
+    path.write_bytes(bytes(raw))
+
+
+def png_bomb_in_tree(tmp: Path) -> list[str]:
+    tree = _tree(tmp / "tree")
+    _declare_png_size(tree / "train" / "dog" / "001.png", 100_000, 100_000)  # 30 GB of pixels
+    return [*FOLDER, f"data.root={tree}"]
+
+
+def png_bomb_in_archive(tmp: Path) -> list[str]:
+    tree = _tree(tmp / "tree")
+    _declare_png_size(tree / "test" / "cat" / "000.png", 100_000, 100_000)
+    archive = tmp / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="tree")
+    return [*FOLDER, f"data.archive={archive}"]
+
+
+def bmp_400_megapixels(tmp: Path) -> list[str]:
+    tree = _tree(tmp / "tree")
+    bmp = tree / "train" / "cat" / "big.bmp"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(bmp)
+    raw = bytearray(bmp.read_bytes())
+    raw[18:26] = (20_000).to_bytes(4, "little") * 2  # BITMAPINFOHEADER width, height: 400 megapixels
+    bmp.write_bytes(bytes(raw))
+    return [*FOLDER, f"data.root={tree}"]
+
+
+def sparse_64_gib_member(tmp: Path) -> list[str]:
+    tree = _tree(tmp / "tree")
+    with open(tree / "train" / "cat" / "big.png", "wb") as big:
+        big.truncate(64 * 2**30)  # a hole: no disk used; GNU tar's --sparse stores it in a few bytes
+    archive = tmp / "sparse.tar.gz"
+    subprocess.run(["tar", "--sparse", "-czf", str(archive), "-C", str(tmp), "tree"], check=True)
+    (tree / "train" / "cat" / "big.png").unlink()
+    return [*FOLDER, f"data.archive={archive}"]
+
+
+def corrupt_jpeg(tmp: Path) -> list[str]:
+    """40 garbage bytes in the middle of a JPEG: libjpeg decodes it anyway, every pixel after them wrong."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            for i in range(2):
+                path = tmp / "tree" / split / cls / f"{i:03d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    bad = tmp / "tree" / "train" / "dog" / "001.jpg"
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[:len(raw) // 2] + bytes(rng.integers(0, 256, 40, dtype=np.uint8)) + raw[len(raw) // 2:])
+    return ["data=folder", "data.shape=[3,64,64]", "data.num_classes=2", f"data.root={tmp / 'tree'}"]
+
+
 def labels_outside_classes(tmp: Path) -> list[str]:
     """MNIST's IDX files whose labels run 0..10, with 10 classes (0..9) allowed."""
     raw = tmp / "data" / "MNIST" / "raw"
@@ -353,7 +413,7 @@ CASES = [
          outcome=NO_RUN),
     case("folder-root-missing", lambda tmp: [*FOLDER, f"data.root={tmp / 'nowhere'}"], "nowhere",
          "is not a folder", outcome=NO_RUN),
-    case("folder-image-size", wrong_image_size, "has shape [3, 8, 8]", "data.shape=[3, 9, 9]",
+    case("folder-image-size", wrong_image_size, "declares 8x8 pixels (width x height) in its header", "data.shape=[3, 9, 9]",
          outcome=NO_RUN),
     case("archive-truncated", truncated_archive, "tree.tar.gz is not a readable .tar.gz", "truncated",
          outcome=NO_RUN),
@@ -364,6 +424,16 @@ CASES = [
     case("archive-empty-file", empty_file_as_archive, "tree.tar.gz is empty (0 bytes)", outcome=NO_RUN),
     case("archive-missing", lambda tmp: [*FOLDER, f"data.archive={tmp / 'none.tar.gz'}"],
          "none.tar.gz does not exist", outcome=NO_RUN),
+    # hostile image files: the declared size is checked before decoding, decoder messages are errors
+    case("folder-png-declaring-100000x100000", png_bomb_in_tree, "dog/001.png declares 100000x100000 pixels",
+         "data.shape=[3, 8, 8] asks for 8x8", outcome=NO_RUN),
+    case("archive-png-declaring-100000x100000", png_bomb_in_archive, "cat/000.png declares 100000x100000 pixels",
+         "tree.tar.gz:tree/test", outcome=NO_RUN),
+    case("folder-bmp-declaring-400-megapixels", bmp_400_megapixels, "cat/big.bmp declares more pixels than",
+         "400000000 pixels", outcome=NO_RUN),
+    case("archive-sparse-member-of-64-gib", sparse_64_gib_member, "'tree/train/cat/big.png' declares "
+         "68,719,476,736 bytes", "refusing to read it", outcome=NO_RUN),
+    case("folder-corrupt-jpeg", corrupt_jpeg, "dog/001.jpg is corrupt", "Corrupt JPEG data", outcome=NO_RUN),
     case("labels-outside-the-classes", labels_outside_classes, "labels in [0, 10]",
          "data.num_classes=10 allows [0, 9]", outcome=NO_RUN),
     # optim
