@@ -488,6 +488,11 @@ CASES = [
     case("early-stopping-monitor-unknown", ["early_stopping.monitor=loss"], "early_stopping.monitor",
          "train/loss", "val/loss", "'loss'"),
     # tracking
+    case("tracking-experiment-parent-path", ["tracking.experiment=../../escaped"], "tracking.experiment",
+         "not a path", "'../../escaped'"),
+    case("tracking-experiment-absolute-path", ["tracking.experiment=/tmp/absolute-escape"], "tracking.experiment",
+         "no leading '/'", "'/tmp/absolute-escape'"),
+    case("tracking-run-name-dot-dot", ["tracking.run_name=.."], "tracking.run_name", "not a path", "'..'"),
     case("tracking-uri-scheme", ["tracking.uri=ftp://host/store"], "scheme 'ftp'", "sqlite:///PATH",
          "http://HOST:PORT"),
     case("tracking-server-unreachable", closed_port, "did not answer within 3 s", "tracking.uri=null"),
