@@ -58,7 +58,11 @@ def _train(argv: list[str]) -> int:
         with handled():  # SIGTERM/SIGINT: one line and status 128 + the signal (cnnlab.training.signals)
             return _train_handled(argv)
     except Interrupted as error:
-        return fail(error)
+        from cnnlab.training.sweep import close_interrupted_sweep
+
+        with handled():  # a second Ctrl-C while the parent run is marked: one line still
+            sweep = close_interrupted_sweep(error, argv)
+        return fail(Interrupted(error.signum, f"{error}; {sweep}") if sweep else error)
 
 
 def _train_handled(argv: list[str]) -> int:
