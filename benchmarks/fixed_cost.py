@@ -250,6 +250,7 @@ PHASES = [  # (module, attribute): the functions one run spends its time in, in 
     ("cnnlab.training.artifacts", "write_run_files"),
     ("cnnlab.training.artifacts", "log_run_files"),
     ("cnnlab.training.artifacts", "log_pytorch_model"),
+    ("cnnlab.serving.pyfunc", "log_pyfunc_model"),
 ]
 
 

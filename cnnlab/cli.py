@@ -1,4 +1,5 @@
-"""The `cnnlab` command and its subcommands (train, summary, compare, reproduce, report, audit).
+"""The `cnnlab` command and its subcommands (train, summary, compare, reproduce, report, audit, ablate,
+evaluate, predict).
 
 Every subcommand takes Hydra overrides (`model.bn=false data=synthetic`)
 and prints bad input as one `error: ...` line with exit status 2. `train`
@@ -27,6 +28,8 @@ commands:
   report    Markdown, HTML and LaTeX report of an ablation (experiment or sweep parent run)
   audit     train one config twice on a small budget; largest difference in metrics and weights
   ablate    run a preset's variants in rounds of seeds until each comparison is decided
+  evaluate  a run's network on its test split (or other data): accuracy, per-class table, confusion matrix
+  predict   the top-k classes of image files, with probabilities, by a run's network
 """
 
 
@@ -161,10 +164,10 @@ def _comparison_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _comparison_args(args: argparse.Namespace) -> dict:
-    run = _is_run_id(args.target)
-    return {"parent": args.target if run else None, "experiment": None if run else args.target,
-            "metric": args.metric, "reference": args.reference, "all_pairs": args.all_pairs,
-            "effect": args.effect, "include_checks": args.include_checks}
+    from cnnlab.results.compare import target
+
+    return {**target(args.target), "metric": args.metric, "reference": args.reference,
+            "all_pairs": args.all_pairs, "effect": args.effect, "include_checks": args.include_checks}
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -174,15 +177,9 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _store(args) -> str:
-    from pathlib import Path
+    from cnnlab.tracking.store import existing_store
 
-    from cnnlab.tracking.store import is_embedded, sqlite_path, tracking_uri
-
-    uri = args.uri or tracking_uri(None, Path(args.runs))
-    if is_embedded(uri) and not sqlite_path(uri).is_file():
-        raise ConfigError(f"no MLflow store at {sqlite_path(uri)}; train something first "
-                          f"or point --runs/--uri at a store")
-    return uri
+    return existing_store(args.runs, args.uri)
 
 
 def _reproduce(argv: list[str]) -> int:
@@ -204,10 +201,6 @@ def _reproduce(argv: list[str]) -> int:
                        args.tolerance)
     print(result.text())
     return FAILED if result.differs else 0
-
-
-def _is_run_id(target: str) -> bool:
-    return len(target) == 32 and all(c in "0123456789abcdef" for c in target)
 
 
 def _report(argv: list[str]) -> int:
@@ -271,8 +264,62 @@ def _ablate(argv: list[str]) -> int:
     return 0
 
 
+def _loaded_run(args):
+    """The run the serving commands work on (cnnlab.serving.load), quietly: no download bars."""
+    from cnnlab.serving.load import load_run
+    from cnnlab.tracking.reader import Reader
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    reader = Reader(_store(args))
+    return reader, load_run(reader, args.run_id)
+
+
+def _evaluate(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from cnnlab.config.compose import slug
+    from cnnlab.serving.evaluate import evaluate, log_to_run, write_files
+
+    parser = argparse.ArgumentParser(prog="cnnlab evaluate", description=(
+        "Evaluate a run's network (the checkpoint it tested) on its test split, or on the data the "
+        "overrides give (same shape and classes): accuracy, per-class precision/recall/support, a "
+        "confusion matrix (CSV, PNG), logged to the run under evaluate/."))
+    parser.add_argument("run_id", help="the MLflow run to evaluate")
+    _store_options(parser)
+    parser.add_argument("--out", default=None, help="where the files go (default: <runs>/evaluations/<run-id>)")
+    parser.add_argument("overrides", nargs="*", help="data overrides, e.g. data.n_test=500 or data=folder "
+                                                     "data.root=DIR")
+    args = parser.parse_intermixed_args(argv)  # options may come after the overrides
+    reader, loaded = _loaded_run(args)
+    result, _, _ = evaluate(loaded, args.overrides)
+    out = Path(args.out) if args.out else Path(args.runs) / "evaluations" / slug(args.run_id)
+    if args.overrides and not args.out:
+        out = out / slug(" ".join(args.overrides))
+    files = write_files(result, out)
+    folder = log_to_run(reader, result, files, args.overrides)
+    print(result.text())
+    print(f"\nwrote {', '.join(str(f) for f in files)}; logged to run {args.run_id} under {folder}/")
+    return 0
+
+
+def _predict(argv: list[str]) -> int:
+    from cnnlab.serving.predict import predict
+
+    parser = argparse.ArgumentParser(prog="cnnlab predict", description=(
+        "The top-k classes of image files (PNG, JPEG ...) by a run's network, with probabilities."))
+    parser.add_argument("run_id", help="the MLflow run whose network predicts")
+    parser.add_argument("images", nargs="+", help="image files of the run's input size")
+    parser.add_argument("--top-k", type=int, default=1, help="classes shown per image (default: 1)")
+    _store_options(parser)
+    args = parser.parse_intermixed_args(argv)
+    _, loaded = _loaded_run(args)
+    for prediction in predict(loaded, args.images, args.top_k):
+        print(prediction.text())
+    return 0
+
+
 COMMANDS = {"summary": _summary, "train": _train, "compare": _compare, "reproduce": _reproduce,
-            "report": _report, "audit": _audit, "ablate": _ablate}
+            "report": _report, "audit": _audit, "ablate": _ablate, "evaluate": _evaluate, "predict": _predict}
 
 
 # Commands that train: started again once with glibc malloc settings (cnnlab/training/allocator.py).

@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> float:
     sweeping = in_multirun()
     try:
         paths_from_launch_folder(cfg)
-        return train(cfg)
+        return train(cfg).score  # what a sweeper (Optuna) optimises
     except (TrainingError, ConfigError) as error:
         if not sweeping:
             sys.exit(fail(error))

@@ -45,6 +45,10 @@ REPLICATE = "seed"
 REPRODUCES_TAG = "reproduces"  # = the run id reproduced (cnnlab reproduce)
 AUDIT_TAG = "audit"  # = which of the audit's two runs (cnnlab audit)
 CHECK_TAGS = (REPRODUCES_TAG, AUDIT_TAG)
+# A registered model's factory: its source file and the file's sha256 when it trained (reproduce
+# refuses when the file has changed since).
+MODEL_SOURCE_TAG = "model.source_file"
+MODEL_SOURCE_HASH_TAG = "model.source_sha256"
 
 
 def _matches(key: str, rules: tuple[str, ...]) -> bool:

@@ -325,7 +325,8 @@ def huge_dense(tmp: Path) -> list[str]:
 
 CASES = [
     # model: family knobs
-    case("model-unknown-config", ["model=densenet"], "model/densenet", "baseline, custom, lenet, resnet, vgg"),
+    case("model-unknown-config", ["model=densenet"], "model/densenet",
+         "baseline, custom, lenet, registered, resnet, torchvision, vgg"),
     case("model-blocks-zero", ["model.blocks=0"], "model.blocks", ">= 1", "got 0"),
     case("model-blocks-not-a-number", ["model.blocks=two"], "model.blocks", ">= 1", "'two'"),
     case("model-widths-zero", ["model.widths=[0]"], "model.widths", "positive integers", "[0]"),

@@ -35,7 +35,7 @@ COMMAND_LINES = _commands()
 
 def test_the_readme_shows_every_subcommand():
     assert {argv[0] for argv in COMMAND_LINES} >= {"train", "summary", "compare", "reproduce", "report", "audit",
-                                                   "ablate"}
+                                                   "ablate", "evaluate", "predict"}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -85,7 +85,8 @@ def test_readme_comparisons_run_on_a_tiny_store(argv, tmp_path, monkeypatch, cap
     assert "kernels=[5]" in out or "report.md" in out
 
 
-@pytest.mark.parametrize("argv", [a for a in COMMAND_LINES if a[0] in ("reproduce", "audit", "ablate")],
+@pytest.mark.parametrize("argv", [a for a in COMMAND_LINES if a[0] in ("reproduce", "audit", "ablate", "evaluate",
+                                                                       "predict")],
                          ids=" ".join)
 def test_readme_options_of_other_commands_exist(argv, capsys):
     with pytest.raises(SystemExit):

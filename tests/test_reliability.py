@@ -315,6 +315,54 @@ def test_sigterm_mid_epoch_checkpoints_at_the_next_batch_and_the_rerun_finishes_
         assert _metric_history(tmp_path, key) == _metric_history(uninterrupted, key)
 
 
+_STUCK_STEP = """
+import sys, time
+from cnnlab.training import signals
+from cnnlab.training.module import Classifier
+from cnnlab.cli import main
+
+signals.STEP_GRACE_S = 1.0
+step = Classifier.training_step
+
+def stuck(self, batch, batch_idx):
+    if self.current_epoch == 1 and batch_idx == 2:
+        print("stuck", flush=True)
+        time.sleep(600)  # a step that never reaches a batch boundary (an absurd convolution)
+    return step(self, batch, batch_idx)
+
+Classifier.training_step = stuck
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_inside_a_step_that_never_ends_exits_within_seconds(tmp_path):
+    """An 11-minute convolution held SIGTERM off for its whole length (Lightning waits for the
+    batch boundary). The watchdog exits STEP_GRACE_S after the signal: status 143, one line, the
+    run KILLED with the signal tag, the first epoch's checkpoint kept."""
+    import signal
+    import time
+
+    job = subprocess.Popen([sys.executable, "-c", _STUCK_STEP, "train", *TINY, f"paths.runs={tmp_path}",
+                            "trainer.max_epochs=2", "data.n_train=256"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in job.stdout:  # the run's log lines, then the stuck step's
+        if line.strip() == "stuck":
+            break
+    sent = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    err = job.communicate(timeout=60)[1]
+    assert time.monotonic() - sent < 15, "the watchdog did not exit in time"
+    assert job.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("error: stopped by SIGTERM (the step in progress did not end within "
+                                            "1 s); exiting now; the MLflow run is marked KILLED; the same command "
+                                            "resumes from the last completed epoch")
+    _, run = _only_run(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags["signal"] == "SIGTERM"
+    (last,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # the end of epoch 1, to resume from
+
+
 def test_ctrl_c_marks_the_run_killed_with_status_130(tmp_path, uninterrupted):
     import signal
 

@@ -39,12 +39,12 @@ def _runs(runs: Path):
 def trained(tmp_path_factory):
     """One 2-epoch run, then the same command with max_epochs=3 (a resume)."""
     runs = tmp_path_factory.mktemp("runs")
-    first = train(_cfg(runs, "trainer.max_epochs=2"))
+    first = train(_cfg(runs, "trainer.max_epochs=2")).score
     (run,) = _runs(runs)
     history = {k: [m.step for m in _client(runs).get_metric_history(run.info.run_id, k)]
                for k in ("train/loss", "val/acc")}
-    second = train(_cfg(runs, "trainer.max_epochs=3"))
-    third = train(_cfg(runs, "trainer.max_epochs=3"))  # nothing left to do
+    second = train(_cfg(runs, "trainer.max_epochs=3")).score
+    third = train(_cfg(runs, "trainer.max_epochs=3")).score  # nothing left to do
     return runs, run, history, first, (second, third)
 
 

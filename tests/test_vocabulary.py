@@ -6,7 +6,16 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from cnnlab.config.compose import CONF_DIR, compose, config_hash, container, flatten
-from cnnlab.config.schema import DATA, GROUPS, MODEL_FAMILY, MODEL_LAYERS, MODEL_RESNET, TOP
+from cnnlab.config.schema import (
+    DATA,
+    GROUPS,
+    MODEL_FAMILY,
+    MODEL_LAYERS,
+    MODEL_REGISTERED,
+    MODEL_RESNET,
+    MODEL_TORCHVISION,
+    TOP,
+)
 from cnnlab.vocabulary import in_run_name, is_knob, is_trained
 
 
@@ -41,9 +50,11 @@ def test_the_schema_knows_every_key_the_yaml_files_define():
     assert set(DATA.fields["augment"].fields) == {"crop_padding", "hflip"}
     for path in (CONF_DIR / "model").glob("*.yaml"):
         keys = {k for k in OmegaConf.load(path) if k != "defaults"}
-        assert any(keys <= set(group.fields) for group in (MODEL_FAMILY, MODEL_LAYERS, MODEL_RESNET)), path.name
-    # ... and back: the resnet group's every field is in its YAML (the defaults' documentation)
-    assert set(OmegaConf.load(CONF_DIR / "model" / "resnet.yaml")) == set(MODEL_RESNET.fields)
+        assert any(keys <= set(group.fields) for group in (MODEL_FAMILY, MODEL_LAYERS, MODEL_RESNET,
+                                                           MODEL_TORCHVISION, MODEL_REGISTERED)), path.name
+    # ... and back: each of these groups' every field is in its YAML (the defaults' documentation)
+    for name, group in (("resnet", MODEL_RESNET), ("torchvision", MODEL_TORCHVISION), ("registered", MODEL_REGISTERED)):
+        assert set(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")) == set(group.fields), name
     top = OmegaConf.load(CONF_DIR / "train.yaml")
     assert {k for k in top if k not in ("defaults", "hydra")} == set(TOP) | set(GROUPS) - {
         "trainer", "optim", "data", "tracking"}

@@ -50,14 +50,16 @@ def _user_cache() -> str:
 OmegaConf.register_new_resolver("cnnlab_user_cache", _user_cache, replace=True)
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
-    """The composed (unresolved) config for these command-line overrides."""
+def compose(overrides: list[str] | None = None, config_name: str = "train",
+            with_hydra: bool = False) -> DictConfig:
+    """The composed (unresolved) config for these command-line overrides; `with_hydra` keeps
+    Hydra's own node (`hydra.run.dir`, `hydra.overrides.task` ...), as a Hydra app's job sees it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []),
-                             return_hydra_config=False)
+                             return_hydra_config=with_hydra)
 
 
 def container(node: Any) -> dict:

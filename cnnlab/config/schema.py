@@ -381,7 +381,7 @@ TRACKING = Group("tracking", {
                  "null or a non-empty string (sqlite:///PATH, http://HOST:PORT, a database URI)", nullable=True),
     "experiment": RunName(500, "the MLflow experiment (MLflow keeps names of at most 500 characters)"),
     "run_name": RunName(500, nullable=True),
-    "log_model": Flag("the final model in MLflow's pytorch flavour"),
+    "log_model": Flag("the final model: MLflow's pytorch flavour and the pyfunc classifier"),
     "step_metrics": Flag("also log train/loss every step_every steps"),
     "step_every": Int(1, unit="steps"),
     "timeout_s": Number(0.0, low_open=True, unit="seconds"),
@@ -523,3 +523,24 @@ MODEL_RESNET = Group("model", {
     "shortcut": Choice(SHORTCUT_OPTIONS, "A: zero-pad identity | B: projection where the shape changes | "
                        "C: projection everywhere"),
 }, rules=(_resnet_rules,))
+
+# ------------------------------------------------------------------------------ opaque modules
+# Networks given as modules (cnnlab.model.modules): the name-level checks are here; the arch, the
+# weights and the registered name are checked against torchvision and the registry when planned.
+
+MODEL_TORCHVISION = Group("model", {
+    "name": Text("the model's name in run names"),
+    "arch": Text("a torchvision classification model: torchvision.models.list_models(module=torchvision.models)"),
+    "num_classes": Int(2, "the classifier's outputs; must equal data.num_classes (it follows it by default)"),
+    "weights": Text("null (random init) or a weights name: DEFAULT, IMAGENET1K_V1, ResNet18_Weights.IMAGENET1K_V1 "
+                    "(from the local torch hub cache only)", nullable=True),
+    "cifar_stem": Flag("3x3 stride-1 stem conv and no max pool (torchvision's ResNet archs)"),
+})
+
+MODEL_REGISTERED = Group("model", {
+    "name": Text("the registered name (cnnlab.register_model or an entry point in group cnnlab.models)",
+                 nullable=True),
+    "args": Field(lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
+                  "null or a mapping of keyword arguments, e.g. {width:32,depth:3}", "keyword arguments to the factory",
+                  nullable=True),
+})

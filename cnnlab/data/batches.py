@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
+from cnnlab.data.normalize import normalization, scale_and_normalize
 from cnnlab.data.sources import TensorData, check_split
 
 # Independent random streams derived from the run seed.
@@ -41,13 +41,6 @@ def derive_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed for the stream (seed, *keys); nearby inputs give unrelated streams."""
     state = np.random.SeedSequence([seed % 2**64, *keys]).generate_state(1, np.uint64)[0]
     return int(state >> np.uint64(1))
-
-
-def scale_and_normalize(x: torch.Tensor, mean: Sequence[float] | None,
-                        std: Sequence[float] | None) -> torch.Tensor:
-    """uint8 (..., C, H, W) -> float32 x/255, then (x - mean)/std when mean is given."""
-    x = TF.to_dtype(x, torch.float32, scale=True)
-    return x if mean is None else TF.normalize(x, list(mean), list(std))
 
 
 def random_crop(x: torch.Tensor, shifts: torch.Tensor, padding: int) -> torch.Tensor:
@@ -160,9 +153,7 @@ class TensorDataModule(L.LightningDataModule):
         self.data, self.cfg, self.seed = data, dict(cfg), seed
         self.classes = list(data.classes)
         self.num_classes = len(self.classes)
-        standardize = cfg["normalize"] == "standardize"
-        self._mean = list(cfg["mean"]) if standardize else None
-        self._std = list(cfg["std"]) if standardize else None
+        self._mean, self._std = normalization(cfg)
         test = (data.test_x, data.test_y)
         if cfg["validation"] == "test":
             # The chapter's protocol: validate on the test set, so val/* == test/*.

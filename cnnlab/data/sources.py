@@ -646,14 +646,16 @@ def _header_size(raw: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _decode(raw: bytes, shown: str, shape: tuple[int, ...], messages: DecoderMessages) -> torch.Tensor:
+def _decode(raw: bytes, shown: str, shape: tuple[int, ...], messages: DecoderMessages,
+            wanted: str | None = None) -> torch.Tensor:
     """One encoded image -> (C, H, W) uint8; an unreadable, corrupt or oversized image names its file.
 
     The size the header declares is checked first: an image whose size is not data.shape's is
     refused before a pixel is decoded, so a small file declaring a huge image (a decompression
     bomb) costs nothing. PNG and JPEG headers are read here, other formats by PIL, which opens
     lazily. Whatever a decoder prints while decoding (libjpeg: "Corrupt JPEG data: ...", and it
-    carries on with wrong pixels) or warns refuses the image too."""
+    carries on with wrong pixels) or warns refuses the image too. `wanted` says who asks for
+    `shape` in that error (data.shape by default)."""
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -668,8 +670,8 @@ def _decode(raw: bytes, shown: str, shape: tuple[int, ...], messages: DecoderMes
         size = size if fast else pil.size
         if size != (width, height):
             raise ConfigError(f"image {shown} declares {size[0]}x{size[1]} pixels (width x height) in its "
-                              f"header but data.shape={list(shape)} asks for {width}x{height}; cnnlab "
-                              "does not resize images: remove or replace it")
+                              f"header but {wanted or f'data.shape={list(shape)} asks for {width}x{height}'}; "
+                              "cnnlab does not resize images: remove or replace it")
         if fast:  # torchvision: ~3x faster than PIL
             mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
             image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=mode)

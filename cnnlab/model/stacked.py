@@ -74,6 +74,7 @@ from cnnlab.model.build import (
     pool_module,
     residual_modules,
 )
+from cnnlab.model.plan import ModelPlan
 from cnnlab.model.shapes import Analysis, LayerInfo, shortcut_kind
 from cnnlab.model.spec import (
     Activation,
@@ -101,8 +102,16 @@ STACKABLE = (Conv, DepthwiseConv, SeparableConv, Residual, Dense, Pool, BatchNor
 OPTIMIZER_STATE = {"adam": 2, "adamw": 2, "sgd": 1, "none": 0}
 
 
-def supports_stacking(analysis: Analysis) -> tuple[bool, str]:
-    """(True, what stacks) when every layer can be stacked, else (False, the first layer that cannot)."""
+def supports_stacking(model: Analysis | ModelPlan) -> tuple[bool, str]:
+    """(True, what stacks) when every layer can be stacked, else (False, one line saying why): the first
+    layer that cannot, or that the model is an opaque module (torchvision, registered), which has no
+    stacked form; a launcher then trains its seeds one by one."""
+    if isinstance(model, ModelPlan):
+        if model.analysis is None:
+            return False, (f"model {model.name} is a {model.kind} module ({model.description}), not written in "
+                           f"cnnlab's layer language: only layer lists stack")
+        model = model.analysis
+    analysis = model
     for layer in analysis.layers:
         if not isinstance(layer.spec, STACKABLE):
             return False, f"layer {layer.index} ({describe(layer.spec)}) has no stacked form"

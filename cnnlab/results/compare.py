@@ -176,6 +176,17 @@ def matches(knob_values: dict[str, str], spec: str) -> bool:
     return True
 
 
+def is_run_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+def target(name_or_run_id: str) -> dict[str, str | None]:
+    """compare's (and report's) `experiment` and `parent` for what a user names: a sweep's parent
+    run id (32 hex digits), else an experiment's name."""
+    run = is_run_id(name_or_run_id)
+    return {"parent": name_or_run_id if run else None, "experiment": None if run else name_or_run_id}
+
+
 def compare(uri: str, experiment: str | None = None, parent: str | None = None, metric: str | None = None,
             *, reference: str | None = None, all_pairs: bool = False, effect: float = DEFAULT_EFFECT,
             include_checks: bool = False) -> Comparison:

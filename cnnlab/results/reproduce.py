@@ -112,6 +112,24 @@ def tolerances(reader: Reader, original, on_cpu: bool, given: float | None) -> t
     return out, how
 
 
+def check_model_source(original, cfg) -> None:
+    """A registered model is code outside cnnlab: its factory's source file must hash as it did when
+    the original trained (tagged by cnnlab.training.run.source_tags), or the rerun trains another network."""
+    from cnnlab.training.checks import checked
+    from cnnlab.vocabulary import MODEL_SOURCE_HASH_TAG, MODEL_SOURCE_TAG
+
+    then = original.data.tags.get(MODEL_SOURCE_HASH_TAG)
+    if then is None:
+        return
+    plan, _ = checked(cfg)  # finds the factory (registered now?) and measures it; train() reuses this
+    path, now = plan.source or ("(no registered factory)", "")
+    if now != then:
+        raise ConfigError(f"run {original.info.run_id} trained model {plan.name} from "
+                          f"{original.data.tags.get(MODEL_SOURCE_TAG)} with sha256 {then[:16]}..., but its factory's "
+                          f"source {path} now hashes {now[:16] or '(nothing)'}...: the code changed; restore that "
+                          f"file (e.g. git checkout the original's commit) to reproduce the run")
+
+
 def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = None,
               tolerance: float | None = None) -> Reproduction:
     """Train the run's config again (with optional overrides) and compare every metric and epoch."""
@@ -132,6 +150,7 @@ def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = N
     # Named by the original and the config it trains: the same reproduction again is found, not
     # repeated, and another original (or other overrides) never finds this one.
     cfg.tracking.run_name = f"reproduce-{run_id[:12]}-{config_hash(cfg)[:8]}"
+    check_model_source(original, cfg)
     train(cfg, tags={REPRODUCES_TAG: run_id})
     new = reader.run((run_directory(cfg, cfg.tracking.run_name) / RUN_ID_FILE).read_text().strip())
     on_cpu = original.data.tags.get("device") == "cpu" == new.data.tags.get("device")

@@ -35,6 +35,16 @@ def tracking_uri(uri: str | None, runs: Path) -> str:
     return uri if uri else f"sqlite:///{(runs / 'mlflow.db').resolve()}"
 
 
+def existing_store(runs: str | Path, uri: str | None = None) -> str:
+    """The store results are read from (`compare`, `report`, `reproduce`): `uri`, else the embedded
+    store under `runs`, which must exist already (reading must not create an empty one)."""
+    found = tracking_uri(uri, Path(runs))
+    if is_embedded(found) and not sqlite_path(found).is_file():
+        raise ConfigError(f"no MLflow store at {sqlite_path(found)}; train something first "
+                          f"or point --runs/--uri at a store")
+    return found
+
+
 def is_embedded(uri: str) -> bool:
     """The embedded SQLite store, which keeps artifacts beside it; a server decides for itself."""
     return uri.startswith("sqlite:")

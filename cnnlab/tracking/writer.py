@@ -178,6 +178,10 @@ class Tracker:
     def has_params(self) -> bool:
         return bool(self._call(lambda: self.client.get_run(self.run_id), "reading the run").data.params)
 
+    def run_metrics(self) -> dict[str, float]:
+        """The run's metrics as the store holds them (each one's latest value)."""
+        return dict(self._call(lambda: self.client.get_run(self.run_id), "reading the run").data.metrics)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -64,14 +64,17 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+# classes.json: the data's class names in label order, so a run's model is served without its data.
+CLASSES_FILE = "classes.json"
 RUN_FILES = ("summary.txt", "summary.json", "config.yaml", "weights.txt", "curves.png",
-             "history.jsonl")
+             "history.jsonl", CLASSES_FILE)
 
 
-def write_run_files(run_dir: Path, plan, network: nn.Module, config_yaml: str) -> None:
+def write_run_files(run_dir: Path, plan, network: nn.Module, config_yaml: str, classes: list[str]) -> None:
     """Everything a finished run leaves in its directory, besides checkpoints."""
     from cnnlab.model.summary import summary_dict, summary_text
 
+    (run_dir / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
     (run_dir / "summary.txt").write_text(summary_text(plan) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary_dict(plan), indent=2) + "\n")
     (run_dir / "config.yaml").write_text(config_yaml)
@@ -101,10 +104,8 @@ def log_pytorch_model(tracker, network: nn.Module, datamodule, plan) -> None:
     import torch
     from mlflow.models import infer_signature
 
-    from cnnlab.model.build import ends_in_softmax
-
     model = copy.deepcopy(network).cpu().eval()
-    if ends_in_softmax(plan.analysis):
+    if plan.ends_in_softmax:
         model = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))
     x = next(iter(datamodule.test_dataloader()))[0][:2].cpu()
     with torch.no_grad():

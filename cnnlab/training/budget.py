@@ -45,6 +45,7 @@ class MemoryEstimate:
     activations: int
     batch_size: int
     optimizer: str
+    opaque: bool = False  # an opaque module (torchvision, registered): its activations are not known
 
     @property
     def model(self) -> int:
@@ -57,9 +58,10 @@ class MemoryEstimate:
 
     def text(self) -> str:
         data = f"data {human(self.data)}, " if self.data else ""
+        activations = ("activations not estimated (an opaque module)" if self.opaque
+                       else f"activations at batch size {self.batch_size} {human(self.activations)}")
         return (f"{human(self.total)} ({data}parameters, gradients and {self.optimizer} state "
-                f"{human(self.weights)}, activations at batch size {self.batch_size} "
-                f"{human(self.activations)})")
+                f"{human(self.weights)}, {activations})")
 
 
 def human(n: float) -> str:
@@ -86,7 +88,6 @@ def _kept_outputs(spec: Any) -> int:
 
 def estimate_memory(plan: ModelPlan, data: Mapping[str, Any], optim: Mapping[str, Any]) -> MemoryEstimate:
     """Peak memory of one training run, before anything is allocated."""
-    a = plan.analysis
     values = 1
     for d in data["shape"]:
         values *= int(d)
@@ -95,16 +96,18 @@ def estimate_memory(plan: ModelPlan, data: Mapping[str, Any], optim: Mapping[str
         n_train, n_test = int(data["n_train"]), int(data["n_test"])
         data_bytes = (n_train + n_test) * values + max(n_train, n_test) * values * 3 * FLOAT
     slots = _optimizer_slots(optim)
-    weights = FLOAT * (a.trainable * (2 + slots) + a.non_trainable)
+    weights = FLOAT * (plan.trainable * (2 + slots) + plan.non_trainable)
+    batch = int(data["batch_size"])
+    if plan.analysis is None:  # an opaque module: only its totals were measured
+        return MemoryEstimate(data_bytes, weights, 0, batch, str(optim["name"]), opaque=True)
     outputs = 0
     largest = values
-    for layer in a.layers:
+    for layer in plan.analysis.layers:
         size = 1
         for d in layer.output_shape:
             size *= d
         outputs += size * _kept_outputs(layer.spec)
         largest = max(largest, size)
-    batch = int(data["batch_size"])
     activations = FLOAT * batch * (values + SAVED_PER_OUTPUT * outputs + largest)
     return MemoryEstimate(data_bytes, weights, activations, batch, str(optim["name"]))
 
@@ -139,11 +142,12 @@ def check_budget(plan: ModelPlan, data: Mapping[str, Any], optim: Mapping[str, A
                 f"the run needs about {estimate.text()} but this machine has {human(have)} {where}; "
                 f"use a smaller model (model.widths, model.dense, model.layers), data.batch_size"
                 f"{', data.shape or data.n_train' if estimate.data else ''}")
-    macs = plan.analysis.macs
+    macs = plan.macs
     if macs > trainer["max_macs"]:
-        heaviest = max(plan.analysis.layers, key=lambda layer: layer.macs)
+        heaviest = ("" if plan.analysis is None else " (layer {0.index}: {0.macs:.3g})".format(
+            max(plan.analysis.layers, key=lambda layer: layer.macs)))
         raise ConfigError(
-            f"the network costs {macs:.3g} multiply-accumulates per image (layer {heaviest.index}: "
-            f"{heaviest.macs:.3g}) but trainer.max_macs={trainer['max_macs']:.3g}; an epoch would take "
-            f"hours. Use smaller kernels or widths, or raise trainer.max_macs if you mean it")
+            f"the network costs {macs:.3g} multiply-accumulates per image{heaviest} but trainer.max_macs="
+            f"{trainer['max_macs']:.3g}; an epoch would take hours. Use smaller kernels or widths, or raise "
+            "trainer.max_macs if you mean it")
     return estimate

@@ -33,7 +33,7 @@ def checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
     # unknown keys (`+trainer.max_epoch=3` would otherwise do nothing) fail by name.
     resolved = container(cfg)
     key = json.dumps({k: v for k, v in resolved.items() if k != "hydra"}, sort_keys=True, default=str)
-    if key not in _CHECKED:
+    if key not in _CHECKED or _registered_again(_CHECKED[key]):
         check_config(resolved)
         check_accelerator(resolved["trainer"])
         plan = model_plan(cfg)
@@ -46,6 +46,16 @@ def checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
             check_checkpoint(Path(cfg.ckpt_path), plan, resolved["model"], resolved["trainer"]["max_epochs"])
         _CHECKED[key] = plan
     return _CHECKED[key], resolved["data"]
+
+
+def _registered_again(plan: ModelPlan) -> bool:
+    """A registered model whose name now stands for another factory (a notebook cell run again after an
+    edit): the cached plan would train the old one."""
+    if plan.kind != "registered":
+        return False
+    from cnnlab.model.registry import factory_of
+
+    return factory_of(plan.name) is not plan.module.factory
 
 
 def check_accelerator(trainer: Mapping[str, Any]) -> None:

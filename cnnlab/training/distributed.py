@@ -6,10 +6,16 @@ from cnnlab.errors import ConfigError
 from cnnlab.training.naming import in_multirun
 
 
+def starts_ranks_by_command(strategy: str) -> bool:
+    """DDP whose extra ranks Lightning starts by running this process's command again (its
+    subprocess launcher), not by spawning or forking this process."""
+    return strategy.startswith("ddp") and "spawn" not in strategy and "notebook" not in strategy
+
+
 def prepare_strategy(strategy: str) -> None:
     """DDP starts one process per extra rank by running the command again: make that command
     `python -m cnnlab.train <the same overrides>`, and refuse it inside a multirun."""
-    if not (strategy.startswith("ddp") and "spawn" not in strategy and "notebook" not in strategy):
+    if not starts_ranks_by_command(strategy):
         return
     if in_multirun():
         raise ConfigError(f"trainer.strategy={strategy} cannot run inside a multirun: Lightning's DDP "

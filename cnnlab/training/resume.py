@@ -78,6 +78,7 @@ def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,
     status = tracker.run_status(previous) if previous else None
     done = already_complete(resume_from, cfg.trainer.max_epochs) if status == "FINISHED" else None
     if done is not None:
+        tracker.run_id = previous  # the finished run, read back but not reopened
         log.info("run %s already trained %d epochs (MLflow run %s); raise trainer.max_epochs "
                  "to continue it", name, cfg.trainer.max_epochs, previous)
         return tracker, done
@@ -166,8 +167,6 @@ def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any], max_
     otherwise fail inside Lightning (or train on NaN weights), after the MLflow run exists."""
     import torch
 
-    from cnnlab.model.build import build
-
     if not path.is_file():
         raise ConfigError(f"ckpt_path={path} does not exist or is not a file; give a .ckpt written "
                           f"by cnnlab train (runs/outputs/.../checkpoints/last.ckpt) or null")
@@ -185,8 +184,8 @@ def check_checkpoint(path: Path, plan: ModelPlan, model: Mapping[str, Any], max_
             and "epoch" in state):
         raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict and "
                           f"epoch); give a .ckpt written by cnnlab train")
-    network = build(plan.analysis, model.get("init", "keras"), model.get("bn_momentum", 0.99),
-                    model.get("bn_eps", 1e-3), logits=True)
+    with torch.device("meta"):  # shapes only: no memory, no weights read (a pretrained module's file)
+        network = plan.build(pretrained=False)
     expected = {f"network.{k}": tuple(v.shape) for k, v in network.state_dict().items()}
     found = {k: tuple(v.shape) if hasattr(v, "shape") else None for k, v in state["state_dict"].items()}
     if found != expected:

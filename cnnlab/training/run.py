@@ -1,6 +1,6 @@
 """One tracked training run, top to bottom: check -> data -> open or resume the MLflow run ->
-fit (resuming if this run directory has a checkpoint) -> test -> artifacts -> the monitored
-metric, returned to the caller (a sweeper, a test)."""
+fit (resuming if this run directory has a checkpoint) -> test -> artifacts -> a Result (the MLflow
+run, the run folder, the epochs, the final metrics and the monitored value a sweeper gets)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ from cnnlab.config.compose import config_hash, container, flatten
 from cnnlab.training import collector
 from cnnlab.training.checks import check_batch_limits, checked
 from cnnlab.training.naming import overrides, run_directory, run_name, sweep_tags
+from cnnlab.training.result import Result, run_result
 from cnnlab.vocabulary import TEST_METRICS
 
 log = logging.getLogger("cnnlab")
 
 
-def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
-    """Train, test and track one run; return the best value of `checkpoint.monitor`.
+def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> Result:
+    """Train, test and track one run; return its Result (`.score`: the best value of
+    `checkpoint.monitor`, what the Hydra app returns to a sweeper).
 
     `tags` are added to a new MLflow run (`cnnlab reproduce` links runs this way). The run
     directory is locked for the whole run: a second process on it stops with RunInUse.
@@ -34,9 +36,12 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> float:
         return _train(cfg, tags)
 
 
-def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
+def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> Result:
     plan, data_cfg = checked(cfg)
     from cnnlab.data.sources import load_dataset
+    from cnnlab.training.cpu_share import sample
+
+    started = sample()  # other processes' CPU use while this run starts: torch_threads
 
     runs = Path(cfg.paths.runs).resolve()
     data = load_dataset(data_cfg, Path(cfg.paths.cache), cfg.seed)
@@ -46,7 +51,6 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     import torch
 
     from cnnlab.data.batches import TensorDataModule
-    from cnnlab.model.build import build
     from cnnlab.model.summary import summary_text
     from cnnlab.tracking.provenance import log_provenance, provenance_tags
     from cnnlab.training.artifacts import log_pytorch_model, log_run_files, write_run_files
@@ -54,7 +58,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.module import Classifier
     from cnnlab.training.resume import open_run, resume_point
-    from cnnlab.training.signals import preemption_callback, record_stop
+    from cnnlab.training.signals import preemption_callback, record_stop, watch
     from cnnlab.training.trainer import checkpoints, early_stopping, make_trainer, one_log_stream, torch_threads
 
     job_overrides = overrides()
@@ -65,13 +69,13 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
 
     one_log_stream()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    network = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps, logits=True)
+    network = plan.build()  # the layer language's build() or an opaque module's factory (cnnlab.model.plan)
     if cfg.trainer.channels_last:
         network = network.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
         network.compile(mode=cfg.trainer.compile)  # in place: parameter names stay the same
     prepare_strategy(str(cfg.trainer.strategy))
-    threads = torch_threads(cfg.trainer.threads)
+    threads = torch_threads(cfg.trainer.threads, started, cfg.trainer.deterministic)
     if threads:
         torch.set_num_threads(threads)
 
@@ -85,9 +89,12 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
             **provenance_tags(), "overrides": " ".join(job_overrides) or "(none)", "seed": cfg.seed,
             "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
             "config.hash": config_hash(cfg), "data.fingerprint": fingerprint,
-            **sweep_tags(job_overrides), **(tags or {})}, resume_from)
-        if done is not None:
-            return done
+            **sweep_tags(job_overrides), **source_tags(plan), **(tags or {})}, resume_from)
+        if done is not None:  # a finished run: what it left behind, nothing trained again
+            stored = tracker.run_metrics()
+            return run_result(tracker.run_id, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode, done,
+                              {k: stored[k] for k in TEST_METRICS})
+        watch(tracker)  # marked KILLED by the signal watchdog if a step holds off a signal too long
     log.info("run %s in %s%s, %d torch threads", name, run_dir,
              f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)", torch.get_num_threads())
     log.info("\n%s", summary_text(plan))
@@ -110,11 +117,12 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
             log_provenance(tracker)
             tracker.log_params({
                 **flatten(container(cfg)),
-                "model.total_params": plan.analysis.total_params,
-                "model.trainable_params": plan.analysis.trainable,
-                "model.macs": plan.analysis.macs,
-                "model.receptive_field": plan.analysis.receptive_field.size[0],
-                "model.layers_expanded": " ".join(plan.tokens),
+                "model.total_params": plan.total_params,
+                "model.trainable_params": plan.trainable,
+                "model.macs": plan.macs,
+                # An opaque module's receptive field is not known: the param is left out (compare shows n/a).
+                **({"model.receptive_field": plan.receptive_field} if plan.receptive_field is not None else {}),
+                "model.layers_expanded": plan.description,
                 "data.fingerprint": fingerprint,
                 "data.source": data.source,
             })
@@ -131,16 +139,22 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
         # then the run's model); last: the weights after the last epoch, as the chapter does.
         trainer.test(module, datamodule=datamodule, verbose=False, weights_only=True,
                      ckpt_path="best" if cfg.checkpoint.test == "best" else None)
+        tested = {k: float(trainer.callback_metrics[k]) for k in TEST_METRICS}
         if tracker:
-            tracker.log_metrics({k: float(trainer.callback_metrics[k]) for k in TEST_METRICS},
-                                step=trainer.current_epoch)
+            tracker.log_metrics(tested, step=trainer.current_epoch)
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         if rank_zero:
-            write_run_files(run_dir, plan, network, OmegaConf.to_yaml(cfg, resolve=True))
+            write_run_files(run_dir, plan, network, config_yaml, data.classes)
         if tracker:
             log_run_files(tracker, run_dir)
             if cfg.tracking.log_model:
                 tracker.patiently(lambda: log_pytorch_model(tracker, network, datamodule, plan),
                                   "logging the model")
+                from cnnlab.serving.pyfunc import log_pyfunc_model
+
+                example = data.test_x[:2].permute(0, 2, 3, 1).numpy()  # (2, H, W, C) uint8, as served
+                tracker.patiently(lambda: log_pyfunc_model(tracker, network, config_yaml, data.classes, example),
+                                  "logging the classifier")
     except BaseException as error:
         instead = record_stop(error, tracker, preemption)  # KILLED by a signal (then Interrupted), or FAILED
         if instead is not None:
@@ -151,10 +165,20 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None) -> float:
     if tracker:
         tracker.finish("FINISHED")
     score = saved[0].best_model_score
-    result = float(score) if score is not None else float(trainer.callback_metrics[cfg.checkpoint.monitor])
-    log.info("done: best %s = %.4f; test/acc = %.4f", cfg.checkpoint.monitor, result,
-             float(trainer.callback_metrics["test/acc"]))
-    return result
+    best = float(score) if score is not None else float(trainer.callback_metrics[cfg.checkpoint.monitor])
+    log.info("done: best %s = %.4f; test/acc = %.4f", cfg.checkpoint.monitor, best, tested["test/acc"])
+    return run_result(tracker.run_id if tracker else None, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode,
+                      best, tested)
+
+
+def source_tags(plan) -> dict[str, str]:
+    """A registered factory's source file and its sha256, which `cnnlab reproduce` checks."""
+    if plan.source is None:
+        return {}
+    from cnnlab.vocabulary import MODEL_SOURCE_HASH_TAG, MODEL_SOURCE_TAG
+
+    path, digest = plan.source
+    return {MODEL_SOURCE_TAG: path, MODEL_SOURCE_HASH_TAG: digest}
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:

@@ -12,13 +12,23 @@ like a success to the scheduler and like a crash in MLflow. Now:
 - Either way the MLflow run is marked KILLED with a `signal` tag naming the signal, the command
   prints one `error:` line and exits with 128 + the signal's number (143, 130), and running the
   same command again resumes the run, clears the tag and finishes it.
+- A step that does not end (an absurdly large convolution ran for 11 minutes on one batch)
+  would hold all of that off: Python runs signal handlers only between bytecodes, so neither
+  Lightning's batch boundary nor a KeyboardInterrupt comes while one C++ call runs. A watchdog
+  thread hears the signal through `signal.set_wakeup_fd` (written by the C-level handler at
+  once); if the process is still running STEP_GRACE_S later, or on a second signal, it marks
+  the run KILLED, prints the line and exits with 128 + the signal. The last checkpoint on disk
+  (end of the last epoch) stays the resume point.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +39,8 @@ log = logging.getLogger("cnnlab")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _state = {"received": None, "deferred": False}  # the signal this process got; inside Lightning's fit/test
+STEP_GRACE_S = 10.0  # a batch boundary comes within milliseconds on any sane model; SLURM waits 30 s before SIGKILL
+_watched: dict = {"tracker": None}  # the MLflow run the watchdog marks KILLED if it must exit
 
 
 def _handler(signum: int, frame) -> None:
@@ -53,6 +65,7 @@ def handled() -> Iterator[None]:
     _state.update(received=None, deferred=False)
     for signum in SIGNALS:
         signal.signal(signum, _handler)
+    watchdog = _Watchdog()
     try:
         yield
     except KeyboardInterrupt as error:  # Ctrl-C before or after the run existed: one line too
@@ -60,10 +73,75 @@ def handled() -> Iterator[None]:
             raise
         raise interrupted(signal.SIGINT) from error
     finally:
+        watchdog.stop()
         for signum, handler in before.items():
             signal.signal(signum, handler)
         if _state["received"] is None:
             _state.update(outer)
+
+
+def watch(tracker) -> None:
+    """The run the watchdog marks KILLED if a signal cannot be handled in time (None: no run)."""
+    _watched["tracker"] = tracker
+
+
+class _Watchdog:
+    """Exits the process STEP_GRACE_S after SIGTERM or SIGINT, or at a second one, when the main
+    thread is stuck in a long C++ call and cannot stop itself (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self._read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._write = write
+        self._previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="cnnlab-signal-watchdog", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        first: float | None = None
+        signum = signal.SIGTERM
+        while not self._stopped.is_set():
+            import select
+
+            timeout = None if first is None else max(0.0, first + STEP_GRACE_S - time.monotonic())
+            ready, _, _ = select.select([self._read], [], [], timeout)
+            if self._stopped.is_set():
+                return
+            if not ready:  # the grace period ran out and the process is still here
+                self._exit(signum, f"the step in progress did not end within {STEP_GRACE_S:g} s")
+            try:
+                got = os.read(self._read, 64)
+            except OSError:  # closed by stop()
+                return
+            for byte in got:
+                if byte not in (signal.SIGTERM, signal.SIGINT):
+                    continue
+                if first is not None:
+                    self._exit(byte, f"a second {signal.Signals(byte).name}")
+                first, signum = time.monotonic(), byte
+
+    def _exit(self, signum: int, why: str) -> None:
+        name = signal.Signals(signum).name
+        tracker = _watched["tracker"]
+        if tracker is not None:
+            try:
+                tracker.mark_failed(Interrupted(signum), "KILLED", tags={"signal": name})
+            except Exception as error:  # exiting anyway: say why the run may still look RUNNING
+                print(f"warning: could not mark the MLflow run KILLED: {error}", file=sys.stderr)
+        print(f"error: stopped by {name} ({why}); exiting now"
+              f"{'; the MLflow run is marked KILLED' if tracker is not None else ''}; the same command "
+              f"resumes from the last completed epoch", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._write)  # wakes the thread's select
+        self._thread.join(timeout=5)
+        os.close(self._read)
+        _watched["tracker"] = None
 
 
 def stopped_by(error: BaseException) -> int | None:

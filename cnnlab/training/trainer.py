@@ -12,18 +12,40 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 
-def torch_threads(configured: int | None) -> int | None:
+def torch_threads(configured: int | None, busy_since=None, deterministic: bool = False) -> int | None:
     """Torch threads: as configured, else the CPUs the launcher gave this job (cores split
-    between joblib's parallel jobs, a Ray task's num_cpus, SLURM's cpus-per-task)."""
+    between joblib's parallel jobs, a Ray task's num_cpus, SLURM's cpus-per-task), else, on a
+    machine where other processes keep cores busy (measured since `busy_since`, a
+    cnnlab.training.cpu_share sample), the cores they leave free, with one line saying so.
+    None keeps torch's default. A deterministic run keeps the default: the same command must
+    give the same bits on a quiet machine and a busy one, and the thread count can change them."""
     from hydra.core.hydra_config import HydraConfig
 
-    from cnnlab.training.launchers import job_threads
+    from cnnlab.training.launchers import available_cores, job_threads
 
     if configured is not None:  # checked by the trainer group's schema
         return configured
-    if not HydraConfig.initialized():
+    if HydraConfig.initialized():
+        given = job_threads(OmegaConf.select(HydraConfig.get(), "launcher") or {})
+        if given:
+            return given
+    if busy_since is None or deterministic:
         return None
-    return job_threads(OmegaConf.select(HydraConfig.get(), "launcher") or {})
+    from cnnlab.training.cpu_share import others_busy_cores, threads_for_share
+
+    others = others_busy_cores(busy_since)
+    if others is None:
+        return None
+    import torch
+
+    threads = threads_for_share(available_cores(), others)
+    if threads >= torch.get_num_threads():
+        return None
+    logging.getLogger("cnnlab").info(
+        "the machine is busy: other processes used %.1f of %d cores while this run started; training "
+        "with %d torch thread%s instead of %d (trainer.threads=N to choose)", others, available_cores(), threads,
+        "" if threads == 1 else "s", torch.get_num_threads())
+    return threads
 
 
 def one_log_stream() -> None:

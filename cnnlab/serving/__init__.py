@@ -1,0 +1,1 @@
+"""Serving a trained run: load it, evaluate it, predict images, and its MLflow pyfunc model."""
