@@ -44,8 +44,13 @@ def _summary(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.bn=false")
     args = parser.parse_args(argv)
-    plan = model_plan(compose(args.overrides))
-    print(json.dumps(summary_dict(plan), indent=2) if args.json else summary_text(plan))
+    from cnnlab.config.compose import container
+    from cnnlab.training.budget import estimate_memory
+
+    cfg = compose(args.overrides)
+    plan = model_plan(cfg)
+    memory = estimate_memory(plan, container(cfg.data), container(cfg.optim))
+    print(json.dumps(summary_dict(plan), indent=2) if args.json else summary_text(plan, memory))
     return 0
 
 
@@ -57,7 +62,11 @@ def _train(argv: list[str]) -> int:
         with handled():  # SIGTERM/SIGINT: one line and status 128 + the signal (cnnlab.training.signals)
             return _train_handled(argv)
     except Interrupted as error:
-        return fail(error)
+        from cnnlab.training.sweep import close_interrupted_sweep
+
+        with handled():  # a second Ctrl-C while the parent run is marked: one line still
+            sweep = close_interrupted_sweep(error, argv)
+        return fail(Interrupted(error.signum, f"{error}; {sweep}") if sweep else error)
 
 
 def _train_handled(argv: list[str]) -> int:

@@ -37,6 +37,9 @@ def checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
         check_config(resolved)
         check_accelerator(resolved["trainer"])
         plan = model_plan(cfg)
+        from cnnlab.training.budget import check_budget
+
+        check_budget(plan, resolved["data"], resolved["optim"], resolved["trainer"])  # before any allocation
         if cfg.ckpt_path:  # a garbage file or another model's checkpoint would fail inside fit()
             from cnnlab.training.resume import check_checkpoint
 
