@@ -170,20 +170,6 @@ def _as_hydra_job(job: DictConfig) -> Iterator[tuple[DictConfig, bool]]:
         hydra_config.cfg = before
 
 
-class _CurrentStdout(logging.StreamHandler):
-    """Writes each line to sys.stdout as it is then: Jupyter replaces sys.stdout for every cell, and
-    a handler holding the stdout of its creation writes where nobody looks. Each line is the
-    message, after `warning: ` (`error: `) above INFO."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stdout  # (emit runs under the handler's lock)
-        super().emit(record)
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return text if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {text}"
-
-
 @contextmanager
 def _log_to_stdout(enabled: bool) -> Iterator[None]:
     """cnnlab's INFO lines to the current sys.stdout for one call, unless a handler of the logger
@@ -192,7 +178,9 @@ def _log_to_stdout(enabled: bool) -> Iterator[None]:
     if not enabled or _shown(log):
         yield
         return
-    handler = _CurrentStdout()
+    from cnnlab.training.console import ConsoleHandler
+
+    handler = ConsoleHandler()  # the message to sys.stdout as it is then (Jupyter replaces it for every cell)
     level = log.level
     if level == logging.NOTSET and log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)  # Python's default (WARNING) would drop the epoch lines
@@ -205,11 +193,14 @@ def _log_to_stdout(enabled: bool) -> Iterator[None]:
 
 
 def _shown(logger: logging.Logger) -> bool:
+    from cnnlab.training.console import ConsoleHandler
+
     streams = (sys.stdout, sys.stderr)
     current: logging.Logger | None = logger
     while current is not None:
-        if any(isinstance(h, logging.StreamHandler) and h.stream in streams and h.level <= logging.INFO
-               for h in current.handlers):
+        # A ConsoleHandler (one a `cnnlab train` in this process left on the root) writes to sys.stdout as it is now.
+        if any(isinstance(h, logging.StreamHandler) and (isinstance(h, ConsoleHandler) or h.stream in streams)
+               and h.level <= logging.INFO for h in current.handlers):
             return True
         current = current.parent if current.propagate else None
     return False

@@ -30,6 +30,7 @@ commands:
   ablate    run a preset's variants in rounds of seeds until each comparison is decided
   evaluate  a run's network on its test split (or other data): accuracy, per-class table, confusion matrix
   predict   the top-k classes of image files, with probabilities, by a run's network
+  completion  tab completion: eval "$(cnnlab completion bash)" (subcommands; Hydra overrides after train)
 """
 
 
@@ -43,8 +44,13 @@ def _summary(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.bn=false")
     args = parser.parse_args(argv)
-    plan = model_plan(compose(args.overrides))
-    print(json.dumps(summary_dict(plan), indent=2) if args.json else summary_text(plan))
+    from cnnlab.config.compose import container
+    from cnnlab.training.budget import estimate_memory
+
+    cfg = compose(args.overrides)
+    plan = model_plan(cfg)
+    memory = estimate_memory(plan, container(cfg.data), container(cfg.optim))
+    print(json.dumps(summary_dict(plan), indent=2) if args.json else summary_text(plan, memory))
     return 0
 
 
@@ -56,15 +62,24 @@ def _train(argv: list[str]) -> int:
         with handled():  # SIGTERM/SIGINT: one line and status 128 + the signal (cnnlab.training.signals)
             return _train_handled(argv)
     except Interrupted as error:
-        return fail(error)
+        from cnnlab.training.sweep import close_interrupted_sweep
+
+        with handled():  # a second Ctrl-C while the parent run is marked: one line still
+            sweep = close_interrupted_sweep(error, argv)
+        return fail(Interrupted(error.signum, f"{error}; {sweep}") if sweep else error)
 
 
 def _train_handled(argv: list[str]) -> int:
     from cnnlab.train import cli_main
     from cnnlab.training.checks import preflight
 
+    if argv[:1] in (["-sc"], ["--shell-completion"]):
+        # Hydra's help says `eval "$(cnnlab train -sc install=bash)"`: cnnlab's completion, which knows
+        # that the app is `cnnlab train` (Hydra's would register a command named `cnnlab train`).
+        return _completion(argv[1:2])
     preflight(argv)  # bad input: one error line and status 2, before Hydra writes anything
-    sys.argv = ["cnnlab-train", *argv]  # Hydra reads its flags (-m, --cfg ...) from argv
+    # Hydra reads its flags (-m, --cfg ...) from argv, and names the app after argv[0] in its help.
+    sys.argv = ["cnnlab train", *argv]
     if os.environ.get("HYDRA_FULL_ERROR"):
         cli_main()  # the user asked for Hydra's full tracebacks
         return 0
@@ -309,8 +324,30 @@ def _predict(argv: list[str]) -> int:
     return 0
 
 
+def _completion(argv: list[str]) -> int:
+    from cnnlab.completion import UNINSTALL, bash_script, query
+
+    parser = argparse.ArgumentParser(prog="cnnlab completion", description=(
+        'Tab completion: eval "$(cnnlab completion bash)" in bash (or in ~/.bashrc) completes the '
+        "subcommands and, after `cnnlab train`, Hydra's config groups, keys and presets."))
+    # install=bash, uninstall=bash, query=bash: Hydra's `-sc` values, from `cnnlab train -sc ...`
+    parser.add_argument("shell", choices=("bash", "query", "install=bash", "uninstall=bash", "query=bash"),
+                        help="bash: print the completion function; query: answer it (reads COMP_LINE, COMP_POINT)")
+    args = parser.parse_args(argv)
+    if args.shell in ("bash", "install=bash"):
+        print(bash_script(list(COMMANDS)))
+        return 0
+    if args.shell == "uninstall=bash":
+        print(UNINSTALL)
+        return 0
+    line = os.environ.get("COMP_LINE", "")
+    query(line[:int(os.environ.get("COMP_POINT", len(line)))])
+    return 0
+
+
 COMMANDS = {"summary": _summary, "train": _train, "compare": _compare, "reproduce": _reproduce,
-            "report": _report, "audit": _audit, "ablate": _ablate, "evaluate": _evaluate, "predict": _predict}
+            "report": _report, "audit": _audit, "ablate": _ablate, "evaluate": _evaluate, "predict": _predict,
+            "completion": _completion}
 
 
 # Commands that train: started again once with glibc malloc settings (cnnlab/training/allocator.py).

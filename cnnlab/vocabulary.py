@@ -33,7 +33,7 @@ DEFAULT_COMPARED = "val/acc_best"
 # run is shown, not what is trained. They are left out of the config hash, the run name and
 # folder, and the knobs compare groups runs by.
 NOT_TRAINED = ("paths.", "tracking.", "ablation.", "run.", "ckpt_path", "trainer.enable_progress_bar",
-               "trainer.threads", "data.root", "data.archive", "data.download", "hydra.")
+               "trainer.threads", "trainer.max_macs", "data.root", "data.archive", "data.download", "hydra.")
 # Trained, but a longer run continues the same one: the same command with more epochs resumes
 # its run folder instead of starting a new run, so it is left out of names and folders too.
 CONTINUES_RUN = ("trainer.max_epochs",)

@@ -142,6 +142,66 @@ def empty_file_as_archive(tmp: Path) -> list[str]:
     return [*FOLDER, f"data.archive={tmp / 'tree.tar.gz'}"]
 
 
+def _declare_png_size(path: Path, width: int, height: int) -> None:
+    """Rewrite a PNG's IHDR to declare another size (its CRC too): an 8 KB file 'of' any size."""
+    import zlib
+
+    raw = bytearray(path.read_bytes())
+    raw[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    raw[29:33] = zlib.crc32(bytes(raw[12:29])).to_bytes(4, "big")  # over 'IHDR' and its 13 bytes
+    path.write_bytes(bytes(raw))
+
+
+def png_bomb_in_tree(tmp: Path) -> list[str]:
+    tree = _tree(tmp / "tree")
+    _declare_png_size(tree / "train" / "dog" / "001.png", 100_000, 100_000)  # 30 GB of pixels
+    return [*FOLDER, f"data.root={tree}"]
+
+
+def png_bomb_in_archive(tmp: Path) -> list[str]:
+    tree = _tree(tmp / "tree")
+    _declare_png_size(tree / "test" / "cat" / "000.png", 100_000, 100_000)
+    archive = tmp / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="tree")
+    return [*FOLDER, f"data.archive={archive}"]
+
+
+def bmp_400_megapixels(tmp: Path) -> list[str]:
+    tree = _tree(tmp / "tree")
+    bmp = tree / "train" / "cat" / "big.bmp"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(bmp)
+    raw = bytearray(bmp.read_bytes())
+    raw[18:26] = (20_000).to_bytes(4, "little") * 2  # BITMAPINFOHEADER width, height: 400 megapixels
+    bmp.write_bytes(bytes(raw))
+    return [*FOLDER, f"data.root={tree}"]
+
+
+def sparse_64_gib_member(tmp: Path) -> list[str]:
+    tree = _tree(tmp / "tree")
+    with open(tree / "train" / "cat" / "big.png", "wb") as big:
+        big.truncate(64 * 2**30)  # a hole: no disk used; GNU tar's --sparse stores it in a few bytes
+    archive = tmp / "sparse.tar.gz"
+    subprocess.run(["tar", "--sparse", "-czf", str(archive), "-C", str(tmp), "tree"], check=True)
+    (tree / "train" / "cat" / "big.png").unlink()
+    return [*FOLDER, f"data.archive={archive}"]
+
+
+def corrupt_jpeg(tmp: Path) -> list[str]:
+    """40 garbage bytes in the middle of a JPEG: libjpeg decodes it anyway, every pixel after them wrong."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            for i in range(2):
+                path = tmp / "tree" / split / cls / f"{i:03d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    bad = tmp / "tree" / "train" / "dog" / "001.jpg"
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[:len(raw) // 2] + bytes(rng.integers(0, 256, 40, dtype=np.uint8)) + raw[len(raw) // 2:])
+    return ["data=folder", "data.shape=[3,64,64]", "data.num_classes=2", f"data.root={tmp / 'tree'}"]
+
+
 def labels_outside_classes(tmp: Path) -> list[str]:
     """MNIST's IDX files whose labels run 0..10, with 10 classes (0..9) allowed."""
     raw = tmp / "data" / "MNIST" / "raw"
@@ -290,6 +350,17 @@ CASES = [
          "layer 0 (conv 4 40x40, valid)", "needs at least 40x40 input, got 16x16"),
     case("model-lenet-does-not-fit", ["model=lenet"], "layer 4 (conv 6 5x5, valid, sigmoid)",
          "needs at least 5x5 input, got 1x1"),
+    # model: resource bombs, refused before anything is allocated (cnnlab.training.budget)
+    case("budget-model-widths", ["model.widths=[1000000]"], "the run needs about", "activations at batch size 32",
+         "memory available", "model.widths"),
+    case("budget-dense-1e9-units", ["model=custom", "model.layers=[flatten,dense:1000000000,dense:4:softmax]"],
+         "the run needs about", "parameters, gradients and adam state", "TiB", "memory available"),
+    case("budget-synthetic-1e9-images", ["data.n_train=1000000000"], "the run needs about", "(data ",
+         "memory available", "data.n_train"),
+    case("budget-synthetic-20000x20000", ["data.shape=[3,20000,20000]"], "the run needs about", "TiB",
+         "memory available", "data.shape"),
+    case("budget-kernel-2001-compute", ["model=custom", "model.layers=[conv:8:2001:same,gap,dense:4:softmax]"],
+         "2.46e+10 multiply-accumulates per image", "trainer.max_macs=1e+10"),
     # model: custom layer tokens
     case("layers-unknown-token", ["model=custom", "model.layers=[conv:4:3,pool,flatten,dense:4]"],
          "unknown layer 'pool'", "allowed: conv,", "maxpool, avgpool"),
@@ -343,7 +414,8 @@ CASES = [
          outcome=NO_RUN),
     case("folder-root-missing", lambda tmp: [*FOLDER, f"data.root={tmp / 'nowhere'}"], "nowhere",
          "is not a folder", outcome=NO_RUN),
-    case("folder-image-size", wrong_image_size, "has shape [3, 8, 8]", "data.shape=[3, 9, 9]",
+    case("folder-image-size", wrong_image_size, "declares 8x8 pixels (width x height) in its header",
+         "data.shape=[3, 9, 9]",
          outcome=NO_RUN),
     case("archive-truncated", truncated_archive, "tree.tar.gz is not a readable .tar.gz", "truncated",
          outcome=NO_RUN),
@@ -354,6 +426,16 @@ CASES = [
     case("archive-empty-file", empty_file_as_archive, "tree.tar.gz is empty (0 bytes)", outcome=NO_RUN),
     case("archive-missing", lambda tmp: [*FOLDER, f"data.archive={tmp / 'none.tar.gz'}"],
          "none.tar.gz does not exist", outcome=NO_RUN),
+    # hostile image files: the declared size is checked before decoding, decoder messages are errors
+    case("folder-png-declaring-100000x100000", png_bomb_in_tree, "dog/001.png declares 100000x100000 pixels",
+         "data.shape=[3, 8, 8] asks for 8x8", outcome=NO_RUN),
+    case("archive-png-declaring-100000x100000", png_bomb_in_archive, "cat/000.png declares 100000x100000 pixels",
+         "tree.tar.gz:tree/test", outcome=NO_RUN),
+    case("folder-bmp-declaring-400-megapixels", bmp_400_megapixels, "cat/big.bmp declares more pixels than",
+         "400000000 pixels", outcome=NO_RUN),
+    case("archive-sparse-member-of-64-gib", sparse_64_gib_member, "'tree/train/cat/big.png' declares "
+         "68,719,476,736 bytes", "refusing to read it", outcome=NO_RUN),
+    case("folder-corrupt-jpeg", corrupt_jpeg, "dog/001.jpg is corrupt", "Corrupt JPEG data", outcome=NO_RUN),
     case("labels-outside-the-classes", labels_outside_classes, "labels in [0, 10]",
          "data.num_classes=10 allows [0, 9]", outcome=NO_RUN),
     # optim
@@ -407,6 +489,11 @@ CASES = [
     case("early-stopping-monitor-unknown", ["early_stopping.monitor=loss"], "early_stopping.monitor",
          "train/loss", "val/loss", "'loss'"),
     # tracking
+    case("tracking-experiment-parent-path", ["tracking.experiment=../../escaped"], "tracking.experiment",
+         "not a path", "'../../escaped'"),
+    case("tracking-experiment-absolute-path", ["tracking.experiment=/tmp/absolute-escape"], "tracking.experiment",
+         "no leading '/'", "'/tmp/absolute-escape'"),
+    case("tracking-run-name-dot-dot", ["tracking.run_name=.."], "tracking.run_name", "not a path", "'..'"),
     case("tracking-uri-scheme", ["tracking.uri=ftp://host/store"], "scheme 'ftp'", "sqlite:///PATH",
          "http://HOST:PORT"),
     case("tracking-server-unreachable", closed_port, "did not answer within 3 s", "tracking.uri=null"),

@@ -183,9 +183,9 @@ def _count_decodes(monkeypatch) -> list[str]:
     decoded: list[str] = []
     real = datasets._decode
 
-    def counting(raw, shown, channels):
+    def counting(raw, shown, *rest):
         decoded.append(shown)
-        return real(raw, shown, channels)
+        return real(raw, shown, *rest)
 
     monkeypatch.setattr(datasets, "_decode", counting)
     return decoded
@@ -400,7 +400,7 @@ def test_archive_with_parent_member_is_refused(tmp_path):
 
 def test_wrong_image_size_names_both(tmp_path):
     write_tree(tmp_path / "tree")
-    with pytest.raises(ConfigError, match=r"\[3, 8, 8\].*data.shape=\[3, 9, 9\]"):
+    with pytest.raises(ConfigError, match=r"declares 8x8 pixels.*data.shape=\[3, 9, 9\]"):
         load(tree_cfg(tmp_path, shape=[3, 9, 9]), tmp_path)
 
 
@@ -590,3 +590,54 @@ def test_trainer_epochs_follow_seed_and_epoch(tmp_path):
         assert model.first_labels[epoch] == y.tolist()
     assert model.first_labels[0] != model.first_labels[1]
     assert model.val_seen == 2 * len(d.test_x)  # val = test, every epoch
+
+
+# --------------------------------------------------------------------------- hostile image files
+
+
+def _jpeg_tree(root: Path, size: int = 64) -> list[Path]:
+    rng = np.random.default_rng(1)
+    paths = []
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            path = root / split / cls / "000.jpg"
+            path.parent.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
+            paths.append(path)
+    return paths
+
+
+def test_a_jpeg_with_garbage_in_the_middle_is_refused_and_nothing_is_cached(tmp_path):
+    paths = _jpeg_tree(tmp_path / "tree")
+    cfg = tree_cfg(tmp_path, shape=[3, 64, 64])
+    good = load(cfg, tmp_path)  # the intact tree decodes (and is cached) without complaint
+    assert len(good.train_x) == 2 and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    raw = paths[1].read_bytes()
+    paths[1].write_bytes(raw[:len(raw) // 2] + bytes(range(100, 140)) + raw[len(raw) // 2:])
+    with pytest.raises(ConfigError, match=r"train/dog/000\.jpg is corrupt: its decoder said 'Corrupt JPEG data"):
+        load(cfg, tmp_path)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # only the intact tree's entry
+
+
+def test_declared_sizes_are_read_from_headers_as_pil_reads_them():
+    rng = np.random.default_rng(2)
+    for fmt, size, mode in (("PNG", (17, 5), "RGB"), ("JPEG", (33, 12), "RGB"), ("JPEG", (9, 40), "L"),
+                            ("PNG", (1, 300), "L")):
+        buffer = io.BytesIO()
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).convert(mode).save(buffer, format=fmt, progressive=fmt == "JPEG" and mode == "L")
+        raw = buffer.getvalue()
+        assert datasets._header_size(raw) == Image.open(io.BytesIO(raw)).size == size
+    assert datasets._header_size(b"GIF89a...") is None
+    assert datasets._header_size(b"\xff\xd8\xff") is None  # a JPEG cut before its frame header
+
+
+def test_a_tree_image_larger_than_an_image_of_the_shape_can_be_is_not_read(tmp_path):
+    write_tree(tmp_path / "tree")
+    big = tmp_path / "tree" / "train" / "cat" / "huge.png"
+    with open(big, "wb") as f:
+        f.truncate(datasets.max_image_bytes((3, 8, 8)) + 1)  # sparse: nothing on disk
+    with pytest.raises(ConfigError, match=r"huge\.png is 16,778,753 bytes, more than an image of "
+                                          r"data.shape=\[3, 8, 8\] needs \(at most 16,778,752\)"):
+        load(tree_cfg(tmp_path), tmp_path)
+    assert datasets.max_image_bytes((3, 8, 8)) == 8 * 3 * 8 * 8 + 16 * 2**20

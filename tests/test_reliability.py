@@ -104,6 +104,38 @@ def test_objects_in_an_override_value_are_refused_and_never_made(tmp_path, overr
     assert not marker.exists() and not (tmp_path / "runs").exists()
 
 
+def test_chdir_and_the_default_experiment_write_nothing_outside_paths_runs(tmp_path, monkeypatch):
+    """hydra.job.chdir=true with a relative paths.runs nested the store inside the job's output folder
+    (runs/outputs/<job>/runs/mlflow.db); MLflow's "Default" experiment kept its artifacts in
+    ./mlruns of the working folder. One command with both: everything lands in <cwd>/runs."""
+    import logging
+    import os
+
+    from cnnlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    loggers = [logging.getLogger(), logging.getLogger("lightning"), logging.getLogger("cnnlab")]
+    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
+    try:  # Hydra's app adds log handlers for its job: put them back
+        code = main(["train", *TINY, "paths.runs=runs", "trainer.max_epochs=1", "hydra.job.chdir=true",
+                     "tracking.experiment=Default", "data.n_train=64", "data.n_test=32"])
+    finally:
+        for logger, handlers, level in saved:
+            for handler in set(logger.handlers) - set(handlers):
+                handler.close()
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+    assert code == 0 and Path.cwd() == tmp_path
+    assert os.listdir(tmp_path) == ["runs"]
+    assert not [p for p in tmp_path.rglob("*") if p.name in ("mlruns", "runs") and p != tmp_path / "runs"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/runs/mlflow.db")
+    (run,) = client.search_runs(["0"])  # the Default experiment
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
+    assert Path(run.data.tags["run_dir"]).is_relative_to(tmp_path / "runs")
+
+
 def test_the_command_line_may_set_thread_counts_and_gpus_in_env_set():
     from cnnlab.training.checks import refuse_object_overrides
 
@@ -112,8 +144,10 @@ def test_the_command_line_may_set_thread_counts_and_gpus_in_env_set():
                              "tracking.run_name=my_target_run", "hydra/launcher=joblib"])
 
 
-@pytest.mark.parametrize("name", ["../../escaped", "/tmp/absolute-escape", ".."])
+@pytest.mark.parametrize("name", ["team/study/x", "...", "a..b/c"])
 def test_experiment_and_run_names_stay_inside_the_runs_root(tmp_path, name):
+    """Names that read as paths ('../x', '/tmp/x', '..') are refused (tests/test_bad_inputs.py);
+    the slashes and dots that remain still never take a folder out of paths.runs."""
     runs = tmp_path / "runs"
     train(compose([*TINY, f"paths.runs={runs}", "trainer.max_epochs=1", f"tracking.experiment={name}",
                    f"tracking.run_name={name}"]))

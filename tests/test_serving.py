@@ -207,7 +207,8 @@ def test_predict_refuses_bad_files_naming_them(run, tmp_path, capsys):
     garbage.write_bytes(b"not an image")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(small)
     for path, message in ((garbage, f"cannot decode image {garbage}"),
-                          (small, f"image {small} is 8x8x3 but the run's network takes 16x16x3"),
+                          (small, f"image {small} declares 8x8 pixels (width x height) in its header but "
+                                  "the run's network takes 16x16x3"),
                           (missing, f"cannot read image {missing}: No such file")):
         assert main(["predict", found.info.run_id, str(path), "--runs", str(runs)]) == 2
         err = capsys.readouterr().err

@@ -21,14 +21,16 @@ def _marker(folder: Path) -> Path:
 
 
 def _count_opens(monkeypatch) -> list[str]:
+    from mlflow.store.tracking import sqlalchemy_store
+
     opens: list[str] = []
-    real = MlflowClient
+    real = sqlalchemy_store.SqlAlchemyStore
 
     def counting(*args, **kwargs):
-        opens.append(kwargs.get("tracking_uri", args[0] if args else None))
+        opens.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("mlflow.tracking.MlflowClient", counting)
+    monkeypatch.setattr(sqlalchemy_store, "SqlAlchemyStore", counting)
     return opens
 
 
@@ -36,7 +38,9 @@ def test_a_new_store_is_created_and_marked(opened):
     uri, folder = opened
     assert (folder / "mlflow.db").is_file()
     assert _marker(folder).read_text() == store.store_stamp(folder / "mlflow.db")
-    assert MlflowClient(tracking_uri=uri).search_experiments()  # the Default experiment
+    (default,) = MlflowClient(tracking_uri=uri).search_experiments()  # the Default experiment
+    # its artifacts beside the store, not in ./mlruns of whatever folder the command ran in
+    assert default.artifact_location == (folder / "mlartifacts" / "0").resolve().as_uri()
 
 
 def test_a_marked_store_is_not_opened_again(opened, monkeypatch):

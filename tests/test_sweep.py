@@ -215,3 +215,47 @@ def test_an_interrupted_sweep_resumes_without_duplicates(tmp_path):
     for run in children:  # one value per epoch, even for the job the kill interrupted
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert len(steps) == len(set(steps)) == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_marks_the_job_and_the_parent_killed_and_prints_the_command_that_resumes(tmp_path):
+    """Ctrl-C during a sweep left its parent run RUNNING (Hydra calls no end-of-sweep hook). Now the
+    running job's run and the parent are KILLED with signal=SIGINT, the last line names the
+    command, and that command finishes the sweep: the parent FINISHED, its signal tag gone."""
+    import shlex
+    import signal
+    import time
+
+    overrides = [*TINY, f"paths.runs={tmp_path}", "seed=0,1", "trainer.max_epochs=4", "data.n_train=2048",
+                 "tracking.experiment=cut"]
+    args = [sys.executable, "-m", "cnnlab.cli", "train", "-m", *overrides]
+    job = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None:  # the first job's first epoch is done
+        if any(p.read_text().strip() for p in tmp_path.glob("multirun/**/history.jsonl")):
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: stopped by SIGINT; the MLflow run is marked KILLED"), line
+    assert "the sweep's MLflow parent run" in line and "is marked KILLED" in line
+    assert line.endswith("the same command resumes the sweep (finished jobs are skipped): "
+                         + shlex.join(["cnnlab", "train", "-m", *overrides]))
+    found = _all_runs(tmp_path)
+    (parent,) = [r for r in found if r.data.tags.get("sweep") == "parent"]
+    (child,) = [r for r in found if r.data.tags.get("sweep") != "parent"]  # the second job never started
+    assert parent.info.run_id in line
+    for run in (parent, child):
+        assert run.info.status == "KILLED" and run.data.tags["signal"] == "SIGINT"
+    assert child.data.tags["knob.seed"] == "0"
+
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    found = _all_runs(tmp_path)
+    assert {r.info.run_id: r.info.status for r in found if r.data.tags.get("sweep") == "parent"} == {
+        parent.info.run_id: "FINISHED"}
+    children = [r for r in found if r.data.tags.get("sweep") != "parent"]
+    assert sorted(r.data.tags["knob.seed"] for r in children) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" and "signal" not in r.data.tags for r in [*children, *found])

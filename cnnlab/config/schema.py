@@ -14,6 +14,7 @@ channel) live beside the table, as the group's `rules`. Nothing here imports tor
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,20 @@ def Name(max_len: int, doc: str = "", nullable: bool = False) -> Field:  # noqa:
 
     return Field(accepts, f"{'null or ' if nullable else ''}a non-empty string of at most {max_len} "
                           f"characters without control characters", doc, nullable)
+
+
+def _path_like(v: str) -> bool:
+    """'/abs', '~/x', '../x', 'a/../b', '..': a name that reads as a path out of somewhere."""
+    return v.startswith(("/", "~", "\\")) or any(part in (".", "..") for part in re.split(r"[/\\]", v))
+
+
+def RunName(max_len: int, doc: str = "", nullable: bool = False) -> Field:  # noqa: N802
+    """An experiment or run name: a Name, and not a path (folders are made safe from names, but MLflow
+    would keep '../x' or '/tmp/x' as the name itself, and people would read it as a place)."""
+    name = Name(max_len, doc, nullable)
+    return Field(lambda v: name.accepts(v) and not _path_like(v),
+                 f"{name.allowed.removeprefix('null or ')}, not a path (no leading '/' or '~', no '.' or "
+                 "'..' between slashes; 'team/study' is fine)", doc, nullable)
 
 
 def Path(doc: str = "") -> Field:  # noqa: N802
@@ -214,6 +229,7 @@ TRAINER = Group("trainer", {
                                       "gradient_clip_val | value: clamp each gradient to +-gradient_clip_val"),
     "accumulate_grad_batches": Int(1, "batches whose gradients are summed before each optimizer step"),
     "enable_progress_bar": Flag(nullable=True, hint=" (a bar on a terminal)"),
+    "max_macs": Number(1, doc="refuse a network of more multiply-accumulates per image"),
     "threads": Int(1, "torch CPU threads; null: split the cores between parallel jobs", nullable=True),
     "compile": Choice(COMPILE_MODES, "torch.compile mode", nullable=True),
     "benchmark": Flag("cudnn.benchmark", nullable=True),
@@ -371,8 +387,8 @@ TRACKING = Group("tracking", {
     # An empty MLFLOW_TRACKING_URI means unset, as null does.
     "uri": Field(lambda v: v == "" or (isinstance(v, str) and bool(v.strip())),
                  "null or a non-empty string (sqlite:///PATH, http://HOST:PORT, a database URI)", nullable=True),
-    "experiment": Name(500, "the MLflow experiment (MLflow keeps names of at most 500 characters)"),
-    "run_name": Name(500, nullable=True),
+    "experiment": RunName(500, "the MLflow experiment (MLflow keeps names of at most 500 characters)"),
+    "run_name": RunName(500, nullable=True),
     "log_model": Flag("the final model: MLflow's pytorch flavour and the pyfunc classifier"),
     "step_metrics": Flag("also log train/loss every step_every steps"),
     "step_every": Int(1, unit="steps"),
@@ -422,7 +438,11 @@ MODEL_COMMON = {
 
 # The top level of train.yaml, groups included.
 TOP = {"seed": Field(lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
-       "ckpt_path": Text(nullable=True, hint=" (a .ckpt file to resume from)")}
+       "ckpt_path": Text(nullable=True, hint=" (a .ckpt file to resume from)"),
+       # Seeds trained together as one stacked network, each its own child run (cnnlab.training.stacked_run).
+       "seeds": Field(lambda v: isinstance(v, list) and len(v) >= 1 and len(set(v)) == len(v)
+                      and all(_is_int(s) and 0 <= s < 2**32 for s in v),
+                      "a list of distinct integers in [0, 2**32), e.g. [0,1,2,3]", nullable=True)}
 GROUPS = {group.name: group for group in (TRAINER, OPTIM, DATA, TRACKING, CHECKPOINT, EARLY_STOPPING, PATHS,
                                                 ABLATION, RUN)}
 

@@ -132,6 +132,60 @@ class TensorBatches:
             yield scale_and_normalize(x, self.mean, self.std), y
 
 
+class StackedBatches:
+    """The batches of S seeds' TensorBatches at once, as (S, B, C, H, W), (S, B): copy s's batch is
+    exactly the one TensorBatches(seed=seeds[s], same settings) gives at that position (the same
+    generator draws, the same gather, crop, flip and normalisation, bitwise), cut with one gather per
+    step for the whole stack instead of S (on a GPU, S small launches per step would undo stacking).
+
+    `data[s]` is seed s's (x, y) on the device; seeds that pass the same tensors share them.
+    Every seed must have the same number of samples. Single process (no DDP sharding)."""
+
+    def __init__(self, data: Sequence[Batch], seeds: Sequence[int], batch_size: int, *, shuffle: bool = False,
+                 epoch: int = 0, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 crop_padding: int = 0, hflip: bool = False) -> None:
+        sizes = {len(x) for x, _ in data}
+        if len(sizes) != 1 or len(data) != len(seeds):
+            raise ValueError(f"{len(data)} data sets of sizes {sorted(sizes)} for {len(seeds)} seeds")
+        self.n = sizes.pop()
+        unique: dict[int, int] = {}  # id of a seed's x -> its block in the joined tensors
+        for x, _ in data:
+            unique.setdefault(id(x), len(unique))
+        blocks = [next(pair for pair in data if id(pair[0]) == key) for key in unique]
+        self.x = blocks[0][0] if len(blocks) == 1 else torch.cat([x for x, _ in blocks])  # (U*N, C, H, W)
+        self.y = blocks[0][1] if len(blocks) == 1 else torch.cat([y for _, y in blocks])
+        self.offsets = torch.tensor([unique[id(x)] * self.n for x, _ in data])  # (S,)
+        self.seeds, self.batch_size, self.shuffle, self.epoch = list(seeds), batch_size, shuffle, epoch
+        self.mean, self.std, self.crop_padding, self.hflip = mean, std, crop_padding, hflip
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n, pad, device = self.n, self.crop_padding, self.x.device
+        orders, shifts, flips = [], [], []
+        for seed in self.seeds:  # TensorBatches.__iter__'s draws, in its order
+            gen = torch.Generator().manual_seed(derive_seed(seed, _BATCHES, self.epoch))
+            orders.append(torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n))
+            if pad:
+                shifts.append(torch.randint(0, 2 * pad + 1, (n, 2), generator=gen))
+            if self.hflip:
+                flips.append(torch.rand(n, generator=gen) < 0.5)
+        order = (torch.stack(orders) + self.offsets[:, None]).to(device)  # (S, N) rows of the joined data
+        shift = torch.stack(shifts).to(device) if pad else None  # (S, N, 2)
+        flip = torch.stack(flips).to(device) if self.hflip else None  # (S, N)
+        s = len(self.seeds)
+        for start in range(0, n, self.batch_size):
+            idx = order[:, start:start + self.batch_size].reshape(-1)  # (S*B,)
+            x, y = self.x[idx], self.y[idx]  # (S*B, C, H, W) uint8, (S*B,)
+            if shift is not None:
+                x = random_crop(x, shift[:, start:start + self.batch_size].reshape(-1, 2), pad)
+            if flip is not None:
+                x = torch.where(flip[:, start:start + self.batch_size].reshape(-1, 1, 1, 1), x.flip(3), x)
+            x = scale_and_normalize(x, self.mean, self.std)
+            yield x.view(s, -1, *x.shape[1:]), y.view(s, -1)
+
+
 class _Samples(Dataset):
     """Per-sample view for the DataLoader pipeline."""
 
@@ -169,6 +223,11 @@ class TensorDataModule(L.LightningDataModule):
         self._sets: dict[str, Batch] = {"train": train, "val": val, "test": test}
         self._device = torch.device("cpu")
         self._resume: Mapping[str, int] = {}  # where a checkpoint written mid-epoch left the train batches
+
+    def split(self, name: str) -> Batch:
+        """The (x, y) tensors of "train", "val" or "test", as this seed's run sees them (its own
+        validation split); the stacked path (cnnlab.training.stacked_run) batches them itself."""
+        return self._sets[name]
 
     # The train batches' place in their epoch, in every checkpoint. Lightning restores it into the
     # DataModule before it asks for the train loader (its own restore of a stateful loader comes

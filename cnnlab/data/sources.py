@@ -420,6 +420,11 @@ def _from_tree(root: Path, name: str, shape: tuple[int, ...], cache_dir: Path) -
                 for entry in sorted(entries, key=lambda e: e.name):
                     if entry.is_file() and _is_image(entry.name):
                         stat = entry.stat()
+                        if stat.st_size > max_image_bytes(shape):  # read whole into memory below
+                            raise ConfigError(
+                                f"image {entry.path} is {stat.st_size:,} bytes, more than an image of "
+                                f"data.shape={list(shape)} needs (at most {max_image_bytes(shape):,}); "
+                                "remove or replace it")
                         # name, size and mtime: an edited or replaced image invalidates the cache
                         key.update(f"{split}/{folder.name}/{entry.name}:{stat.st_size}:"
                                    f"{stat.st_mtime_ns};".encode())
@@ -438,7 +443,7 @@ def _from_archive(path: Path, name: str, shape: tuple[int, ...], cache_dir: Path
                          f"{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
     def decode() -> TensorData:
-        members = _read_archive(path)
+        members = _read_archive(path, max_image_bytes(shape))
         prefix = _archive_root(members, path)
         listing = _archive_listing(members, prefix, path)
         classes = _check_listing(listing, f"{path}:{prefix.rstrip('/') or '.'}")
@@ -447,9 +452,21 @@ def _from_archive(path: Path, name: str, shape: tuple[int, ...], cache_dir: Path
     return _cached(cache_dir / f"{name}-{key}.pt", str(path), decode)
 
 
-def _read_archive(path: Path) -> dict[str, bytes]:
-    """Every regular file in a .tar.gz by member name; folders appear as 'name/': b''."""
+def max_image_bytes(shape: Sequence[int]) -> int:
+    """The largest file an image of `shape` can need: 8 bytes a value (16-bit RGBA, uncompressed,
+    row padding) plus 16 MiB of metadata (ICC profiles, EXIF, thumbnails)."""
+    channels, height, width = shape
+    return 8 * channels * height * width + 16 * 2**20
+
+
+def _read_archive(path: Path, max_member: int) -> dict[str, bytes]:
+    """Every image file in a .tar.gz by member name (other files map to b''); folders appear as
+    'name/': b''. A member is read only once its declared size is checked: a sparse member
+    declaring 64 GiB used to end in a MemoryError, and the archive's images must fit in memory."""
+    import psutil
+
     members: dict[str, bytes] = {}
+    total, available = 0, psutil.virtual_memory().available
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:  # streaming: one pass over the gzip
@@ -461,7 +478,19 @@ def _read_archive(path: Path) -> dict[str, bytes]:
                                       "with '..'); refusing to read it")
                 if member.isdir():
                     members[member.name.rstrip("/") + "/"] = b""
+                elif member.isfile() and not _is_image(member.name.rsplit("/", 1)[-1]):
+                    members[member.name] = b""  # a README, a labels file: never read
                 elif member.isfile():
+                    if member.size > max_member:
+                        raise ConfigError(
+                            f"{path} member {member.name!r} declares {member.size:,} bytes, more than an "
+                            f"image of data.shape needs (at most {max_member:,}); refusing to read it")
+                    total += member.size
+                    if total > available:
+                        raise ConfigError(
+                            f"{path} holds more image bytes than this machine has memory available "
+                            f"({total:,} bytes by member {member.name!r}, {available:,} available); "
+                            "use a smaller archive or data.root=FOLDER of a smaller tree")
                     members[member.name] = tar.extractfile(member).read()
                 else:
                     raise ConfigError(f"{path} member {member.name!r} is a link or special "
@@ -530,40 +559,148 @@ def _decode_listing(listing: Listing, classes: list[str], read: Callable[[str], 
         raise ConfigError(f"data.shape={list(shape)} cannot be decoded from images; the first "
                           "entry (channels) must be 1 (grayscale) or 3 (RGB)")
     tensors = []
-    for split in ("train", "test"):
-        images, labels = [], []
-        for label, cls in enumerate(classes):
-            for shown, key in listing[split][cls]:
-                image = _decode(read(key), shown, shape[0])  # (C, H, W) uint8
-                if tuple(image.shape) != shape:
-                    raise ConfigError(f"image {shown} has shape {list(image.shape)} (channels, "
-                                      f"height, width) but data.shape={list(shape)}")
-                images.append(image)
-                labels.append(label)
-        tensors += [torch.stack(images), torch.tensor(labels, dtype=torch.int64)]
+    with DecoderMessages() as messages:
+        for split in ("train", "test"):
+            images, labels = [], []
+            for label, cls in enumerate(classes):
+                for shown, key in listing[split][cls]:
+                    image = _decode(read(key), shown, shape, messages)  # (C, H, W) uint8
+                    if tuple(image.shape) != shape:
+                        raise ConfigError(f"image {shown} has shape {list(image.shape)} (channels, "
+                                          f"height, width) but data.shape={list(shape)}")
+                    images.append(image)
+                    labels.append(label)
+            tensors += [torch.stack(images), torch.tensor(labels, dtype=torch.int64)]
     return TensorData(*tensors, classes, source)
 
 
-def _decode(raw: bytes, shown: str, channels: int) -> torch.Tensor:
-    """One encoded image -> (C, H, W) uint8; an unreadable image names its file."""
+class DecoderMessages:
+    """What C decoders print on file descriptor 2 while one image decodes.
+
+    libjpeg (under torchvision) reports a corrupt JPEG it can still decode (40 garbage bytes in
+    the middle: every pixel after them wrong) only by printing "Corrupt JPEG data: ..." on
+    stderr, and carries on; torchvision returns the pixels without a word (PIL does not even
+    print). While the images decode, fd 2 goes to a temporary file, emptied before each image
+    and read after it: anything there is a decoder's message about that image. Decoding runs in
+    one thread before the trainer starts, Python warnings are recorded rather than printed
+    (_decode) and cnnlab logs nothing in that window."""
+
+    def __enter__(self) -> DecoderMessages:
+        import sys
+        import warnings
+
+        from PIL import Image
+
+        # Python warnings while decoding are recorded (read with the rest), not printed; those
+        # about the libraries themselves (torchvision's image decoding is deprecated) ignored.
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def clear(self) -> None:
+        self._caught.clear()
+        os.ftruncate(self._file.fileno(), 0)
+        os.lseek(self._file.fileno(), 0, os.SEEK_SET)
+
+    def read(self) -> str:
+        """The messages since `clear`, on one line."""
+        import sys
+
+        sys.stderr.flush()
+        said = [str(w.message) for w in self._caught]
+        size = os.fstat(self._file.fileno()).st_size
+        if size:
+            os.lseek(self._file.fileno(), 0, os.SEEK_SET)
+            text = os.read(self._file.fileno(), min(size, 4096)).decode("utf-8", "replace")
+            said += [line.strip() for line in text.splitlines() if line.strip()]
+        return "; ".join(said)
+
+    def __exit__(self, *exc: object) -> None:
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.close()
+        self._warnings.__exit__(*exc)
+
+
+def _header_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR or a JPEG's frame header, without decoding; None for other
+    formats, or a header too broken to read (the decoder then says why)."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR":
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if raw[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 9 <= len(raw):  # markers: FF, code, 2-byte length (which counts itself), payload
+        if raw[at] != 0xFF:
+            return None
+        code = raw[at + 1]
+        if code == 0xFF:  # fill byte
+            at += 1
+            continue
+        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15: the frame header
+            return int.from_bytes(raw[at + 7:at + 9], "big"), int.from_bytes(raw[at + 5:at + 7], "big")
+        at += 2 + int.from_bytes(raw[at + 2:at + 4], "big")
+    return None
+
+
+def _decode(raw: bytes, shown: str, shape: tuple[int, ...], messages: DecoderMessages,
+            wanted: str | None = None) -> torch.Tensor:
+    """One encoded image -> (C, H, W) uint8; an unreadable, corrupt or oversized image names its file.
+
+    The size the header declares is checked first: an image whose size is not data.shape's is
+    refused before a pixel is decoded, so a small file declaring a huge image (a decompression
+    bomb) costs nothing. PNG and JPEG headers are read here, other formats by PIL, which opens
+    lazily. Whatever a decoder prints while decoding (libjpeg: "Corrupt JPEG data: ...", and it
+    carries on with wrong pixels) or warns refuses the image too. `wanted` says who asks for
+    `shape` in that error (data.shape by default)."""
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
     from torchvision.io import ImageReadMode, decode_image
 
+    channels, height, width = shape
+    messages.clear()
     try:
-        if os.path.splitext(shown)[1].lower() in _FAST_SUFFIXES:
+        size = _header_size(raw)
+        fast = size is not None and os.path.splitext(shown)[1].lower() in _FAST_SUFFIXES
+        pil = None if fast else Image.open(io.BytesIO(raw))  # PIL reads the header only
+        size = size if fast else pil.size
+        if size != (width, height):
+            raise ConfigError(f"image {shown} declares {size[0]}x{size[1]} pixels (width x height) in its "
+                              f"header but {wanted or f'data.shape={list(shape)} asks for {width}x{height}'}; "
+                              "cnnlab does not resize images: remove or replace it")
+        if fast:  # torchvision: ~3x faster than PIL
             mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
             image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=mode)
         else:
-            with Image.open(io.BytesIO(raw)) as pil:
+            with pil:
                 array = np.asarray(pil.convert("RGB" if channels == 3 else "L"))
             array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
             image = torch.from_numpy(array.copy())  # (C, H, W) uint8
+    except ConfigError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ConfigError(f"image {shown} declares more pixels than an image may have: "
+                          f"{str(err).split(' could be')[0].rstrip(',')}; remove or replace it") from err
     except (RuntimeError, OSError, UnidentifiedImageError, ValueError) as err:
         reason = ("not a recognised image format" if isinstance(err, UnidentifiedImageError)
                   else re.sub(r"^.*?\.cpp:\d+, ", "", str(err).strip().splitlines()[-1]))
         raise ConfigError(f"cannot decode image {shown}: {reason}; remove or replace it") from err
+    said = messages.read()
+    if said:
+        raise ConfigError(f"image {shown} is corrupt: its decoder said {said[:200]!r}, and "
+                          "training on it would use wrong pixels; remove or replace it")
     if image.dtype != torch.uint8:  # torchvision keeps 16-bit PNGs 16-bit
         raise ConfigError(f"image {shown} decodes to {image.dtype}; only 8-bit images are "
                           "supported")

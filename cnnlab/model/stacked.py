@@ -481,6 +481,11 @@ class StackedNetwork(nn.Module):
             return tensor[s].T if key.endswith(".weight") else tensor[s]  # (in, out) -> lone (out, in)
         return tensor.unflatten(0, (self.stack, -1))[s]  # (S*C, ...) -> (C, ...)
 
+    def slot(self, key: str, tensor: torch.Tensor, s: int) -> torch.Tensor:
+        """Copy s's part of `tensor`, shaped as the state tensor `key` (a parameter, a buffer, or
+        optimizer state shaped like a parameter), as a view in the lone layout."""
+        return self._slot(key, tensor, s)
+
     def lone_state_dict(self, s: int) -> OrderedDict[str, torch.Tensor]:
         """Copy s's state dict in build()'s keys and layout (loads with strict=True)."""
         return OrderedDict((key, self._slot(key, t, s).clone(memory_format=torch.contiguous_format))

@@ -6,8 +6,13 @@ does; the JSON lists shapes as (C, H, W), PyTorch's layout.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from cnnlab.model.plan import ModelPlan
 from cnnlab.model.shapes import ReceptiveField, format_shape, layer_text
+
+if TYPE_CHECKING:
+    from cnnlab.training.budget import MemoryEstimate
 
 
 def _pair(values) -> str:
@@ -48,9 +53,10 @@ def module_summary_text(plan: ModelPlan) -> str:
     ])
 
 
-def summary_text(plan: ModelPlan) -> str:
+def summary_text(plan: ModelPlan, memory: MemoryEstimate | None = None) -> str:
+    """The table; `memory`, when given, adds the training run's estimated peak memory."""
     if plan.module is not None:
-        return module_summary_text(plan)
+        return module_summary_text(plan) + (f"\nEstimated training memory: {memory.text()}" if memory else "")
     a = plan.analysis
     rows = [(str(layer.index), layer_text(layer), format_shape(layer.output_shape),
              f"{layer.params:,}", f"{layer.macs:,}", _rf_text(layer.rf)) for layer in a.layers]
@@ -74,6 +80,7 @@ def summary_text(plan: ModelPlan) -> str:
         f"PyTorch parameters: {a.trainable:,} (PyTorch keeps BN moving statistics as buffers)",
         f"Total MACs: {a.macs:,} (FLOPs = 2 x MACs)",
         f"Receptive field: {_pair(rf.size)} pixels, jump {_pair(rf.jump)}",
+        *([f"Estimated training memory: {memory.text()}"] if memory else []),
     ]
     return "\n".join(out)
 

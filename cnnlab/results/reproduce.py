@@ -156,7 +156,10 @@ def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = N
     check_model_source(original, cfg)
     train(cfg, tags={REPRODUCES_TAG: run_id})
     new = reader.run((run_directory(cfg, cfg.tracking.run_name) / RUN_ID_FILE).read_text().strip())
-    on_cpu = original.data.tags.get("device") == "cpu" == new.data.tags.get("device")
+    # A stacked seed (cnnlab.training.stacked_run) trained with grouped kernels, which sum in another
+    # order than the lone run that reproduces it: equal up to rounding, not bitwise, even on the CPU.
+    on_cpu = (original.data.tags.get("device") == "cpu" == new.data.tags.get("device")
+              and "stacked" not in original.data.tags)
     limits, how = tolerances(reader, original, on_cpu, tolerance)
     result = Reproduction(run_id, new.info.run_id, how)
     for key in ALL_METRICS:

@@ -189,10 +189,14 @@ def create_sqlite_store(uri: str, folder: Path) -> None:
     if store_stamp(database) is not None and _read(marker) == store_stamp(database):
         return
     from filelock import FileLock
-    from mlflow.tracking import MlflowClient
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     with FileLock(str(folder / ".mlflow-store.lock"), timeout=300):
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        # A new store gets MLflow's "Default" experiment (id 0), whose artifacts go under the
+        # store's default artifact root: './mlruns' in the current folder, unless told otherwise
+        # (a run in it, tracking.experiment=Default, wrote ./mlruns outside paths.runs). cnnlab's
+        # own experiments name their artifact folder (artifact_location); this one is made beside them.
+        SqlAlchemyStore(uri, (folder / "mlartifacts").resolve().as_uri()).search_experiments(max_results=1)
         stamp = store_stamp(database)
         if stamp is not None:
             try:

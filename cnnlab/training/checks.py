@@ -37,6 +37,9 @@ def checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
         check_config(resolved)
         check_accelerator(resolved["trainer"])
         plan = model_plan(cfg)
+        from cnnlab.training.budget import check_budget
+
+        check_budget(plan, resolved["data"], resolved["optim"], resolved["trainer"])  # before any allocation
         if cfg.ckpt_path:  # a garbage file or another model's checkpoint would fail inside fit()
             from cnnlab.training.resume import check_checkpoint
 
@@ -206,10 +209,17 @@ def preflight(argv: list[str]) -> None:
     from cnnlab.tracking.store import check_tracking, is_embedded, tracking_uri
 
     refuse_object_overrides(argv)  # before anything composes them
+    from cnnlab.training.stacked_run import refuse_seed_with_seeds
+
+    refuse_seed_with_seeds(argv)  # a sweep over seed with seeds=[...] too: before Hydra starts
     if any(arg.startswith(("-", "hydra.mode")) or "${hydra:" in arg for arg in argv):
         return
     cfg = compose(argv)
     checked(cfg)
+    if cfg.seeds is not None:
+        from cnnlab.training.stacked_run import check_seeds
+
+        check_seeds(cfg)
     runs = Path(cfg.paths.runs)
     check_writable(runs, "paths.runs")
     uri = tracking_uri(cfg.tracking.uri, runs.resolve())

@@ -36,6 +36,7 @@ import lightning as L
 
 from cnnlab.tracking.store import is_unreachable, root_cause
 from cnnlab.training.artifacts import read_history, write_history
+from cnnlab.training.run_text import epoch_line
 from cnnlab.vocabulary import EPOCH_METRICS, LEARNING_RATE
 from cnnlab.vocabulary import EPOCH_TIME as EPOCH_KEY
 
@@ -78,15 +79,21 @@ class EpochHistory(L.Callback):
         metrics = {**trainer.callback_metrics, **getattr(module, "train_epoch_metrics", dict)()}
         if not trainer.is_global_zero:
             return
-        epoch = trainer.current_epoch + 1  # 1-based, as Keras prints it
-        row = {"epoch": epoch, "seconds": round(time.perf_counter() - self.started, 3)}
+        self.record(trainer.current_epoch + 1, trainer.max_epochs, metrics)  # 1-based, as Keras prints it
+
+    def record(self, epoch: int, max_epochs: int, metrics, seconds: float | None = None,
+               label: str = "") -> None:
+        """history.jsonl gets this epoch's row (a repeated epoch replaces its row) and the console
+        one line. The stacked path (cnnlab.training.stacked_run) calls it once per seed."""
+        if seconds is None:
+            seconds = time.perf_counter() - self.started
+        row = {"epoch": epoch, "seconds": round(seconds, 3)}
         row.update({k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics})
         if self.lr is not None:
             row[LEARNING_RATE] = self.lr
         rows = [r for r in read_history(self.path) if r["epoch"] < epoch] + [row]
         write_history(rows, self.path)
-        text = "  ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS if k in row)
-        log.info("epoch %d/%d  %s  %.1f s", epoch, trainer.max_epochs, text, row["seconds"])
+        log.info("%s%s", label, epoch_line(row, max_epochs))
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # on_fit_end, not on_train_end: a run killed after its last checkpoint resumes with

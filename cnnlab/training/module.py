@@ -62,8 +62,6 @@ class Classifier(L.LightningModule):
         self._loss_sum += loss.detach() * len(y)
         self._correct += (logits.detach().argmax(dim=1) == y).sum()  # Keras's accuracy
         self._seen += len(y)
-        if self.trainer.progress_bar_callback is not None:  # a running loss on a terminal only
-            self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
         return loss
 
     def train_epoch_metrics(self) -> dict[str, float]:

@@ -28,6 +28,10 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> Result:
     directory is locked for the whole run: a second process on it stops with RunInUse.
     """
     checked(cfg)  # bad input fails before a folder or a lock exists
+    if cfg.seeds is not None:  # seeds=[...]: one stacked job, one run per seed
+        from cnnlab.training.stacked_run import train_seeds
+
+        return train_seeds(cfg, tags)
     from cnnlab.training.distributed import process_rank
     from cnnlab.training.resume import run_directory_lock
     from cnnlab.training.signals import handled
@@ -53,7 +57,6 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path) -> Re
 
     from cnnlab.data.batches import TensorDataModule
     from cnnlab.model.summary import summary_text
-    from cnnlab.tracking.provenance import log_provenance, provenance_tags
     from cnnlab.training.artifacts import log_pytorch_model, log_run_files, wants_weights_txt, write_run_files
     from cnnlab.training.distributed import prepare_strategy, process_rank
     from cnnlab.training.epoch_log import EpochHistory
@@ -86,15 +89,14 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path) -> Re
     rank_zero = process_rank() == 0
     if cfg.tracking.enabled and rank_zero:
         tracker, done = open_run(cfg, runs, run_dir, name, {
-            **provenance_tags(), "overrides": " ".join(job_overrides) or "(none)", "seed": cfg.seed,
-            "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
-            "config.hash": config_hash(cfg), "data.fingerprint": fingerprint,
-            DESCRIPTION_TAG: run_description(cfg, name, job_overrides),
-            **sweep_tags(job_overrides), **source_tags(plan), **(tags or {})}, resume_from)
+            **run_tags(cfg, plan, data_cfg, job_overrides, run_dir, fingerprint),
+            **sweep_tags(job_overrides), **(tags or {})}, resume_from)
         if done is not None:  # a finished run: what it left behind, nothing trained again
             stored = tracker.run_metrics()
-            return run_result(tracker.run_id, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode, done,
-                              {k: stored[k] for k in TEST_METRICS})
+            result = run_result(tracker.run_id, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode, done,
+                                {k: stored[k] for k in TEST_METRICS})
+            log.info("%s", _outcome(cfg, result, tracker))  # where it is, as when it was trained
+            return result
         watch(tracker)  # marked KILLED by the signal watchdog if a step holds off a signal too long
     log.info("run %s in %s%s, %d torch threads", name, run_dir,
              f" (MLflow run {tracker.run_id})" if tracker else " (tracking off)", torch.get_num_threads())
@@ -117,19 +119,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path) -> Re
         stopper = early_stopping(cfg)
         trainer = make_trainer(cfg, run_dir, [history, *saved, *([stopper] if stopper else []), preemption])
         if tracker and not tracker.has_params():  # a resumed run has its params already
-            log_provenance(tracker)
-            tracker.log_params({
-                **flatten(container(cfg)),
-                "model.total_params": plan.total_params,
-                "model.trainable_params": plan.trainable,
-                "model.macs": plan.macs,
-                # An opaque module's receptive field is not known: the param is left out (compare shows n/a).
-                **({"model.receptive_field": plan.receptive_field} if plan.receptive_field is not None else {}),
-                "model.layers_expanded": plan.description,
-                "data.fingerprint": fingerprint,
-                "data.source": data.source,
-            })
-            tracker.set_tags({"device": str(trainer.strategy.root_device)})
+            log_first_params(tracker, cfg, plan, data, fingerprint, trainer.strategy.root_device)
             tracker.log_dataset(data_cfg["name"], fingerprint, data.source, dataset_profile(data, data_cfg))
         collector.resume()  # start-up's imports are done (cnnlab.training.collector)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
@@ -171,9 +161,53 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path) -> Re
         tracker.finish("FINISHED")
     score = saved[0].best_model_score
     best = float(score) if score is not None else float(trainer.callback_metrics[cfg.checkpoint.monitor])
-    log.info("done: best %s = %.4f; test/acc = %.4f", cfg.checkpoint.monitor, best, tested["test/acc"])
-    return run_result(tracker.run_id if tracker else None, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode,
-                      best, tested)
+    result = run_result(tracker.run_id if tracker else None, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode,
+                        best, tested)
+    if rank_zero:
+        log.info("%s", _outcome(cfg, result, tracker))
+    return result
+
+
+def _outcome(cfg: DictConfig, result, tracker) -> str:
+    """The final block: best epoch, the tested checkpoint's scores, the MLflow run and its dashboard."""
+    from cnnlab.tracking.dashboard import dashboard
+    from cnnlab.training.run_text import outcome_text
+
+    where = None
+    if tracker:
+        run = tracker.patiently(lambda: tracker.client.get_run(tracker.run_id), "reading the run")
+        where = dashboard(tracker.uri, run.info.experiment_id, tracker.run_id)
+    return outcome_text(result, cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.test, where)
+
+
+def run_tags(cfg: DictConfig, plan, data_cfg: Mapping, job_overrides: list[str], run_dir: Path,
+             fingerprint: str) -> dict:
+    """The tags a new run starts with (the sweep's and the caller's are added to them)."""
+    from cnnlab.tracking.provenance import provenance_tags
+
+    return {**provenance_tags(), "overrides": " ".join(job_overrides) or "(none)", "seed": cfg.seed,
+            "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
+            "config.hash": config_hash(cfg), "data.fingerprint": fingerprint, **source_tags(plan),
+            DESCRIPTION_TAG: run_description(cfg, run_name(cfg, job_overrides), job_overrides)}
+
+
+def log_first_params(tracker, cfg: DictConfig, plan, data, fingerprint: str, device) -> None:
+    """A new run's params (the config and what the model plan derives), provenance and device."""
+    from cnnlab.tracking.provenance import log_provenance
+
+    log_provenance(tracker)
+    tracker.log_params({
+        **flatten(container(cfg)),
+        "model.total_params": plan.total_params,
+        "model.trainable_params": plan.trainable,
+        "model.macs": plan.macs,
+        # An opaque module's receptive field is not known: the param is left out (compare shows n/a).
+        **({"model.receptive_field": plan.receptive_field} if plan.receptive_field is not None else {}),
+        "model.layers_expanded": plan.description,
+        "data.fingerprint": fingerprint,
+        "data.source": data.source,
+    })
+    tracker.set_tags({"device": str(device)})
 
 
 def source_tags(plan) -> dict[str, str]:

@@ -40,7 +40,7 @@ log = logging.getLogger("cnnlab")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _state = {"received": None, "deferred": False}  # the signal this process got; inside Lightning's fit/test
 STEP_GRACE_S = 10.0  # a batch boundary comes within milliseconds on any sane model; SLURM waits 30 s before SIGKILL
-_watched: dict = {"tracker": None}  # the MLflow run the watchdog marks KILLED if it must exit
+_watched: dict = {"trackers": []}  # the MLflow runs the watchdog marks KILLED if it must exit
 
 
 def _handler(signum: int, frame) -> None:
@@ -80,9 +80,10 @@ def handled() -> Iterator[None]:
             _state.update(outer)
 
 
-def watch(tracker) -> None:
-    """The run the watchdog marks KILLED if a signal cannot be handled in time (None: no run)."""
-    _watched["tracker"] = tracker
+def watch(*trackers) -> None:
+    """The runs (a lone run's, or every seed's of a stack) the watchdog marks KILLED if a signal
+    cannot be handled in time; None for a run not tracked."""
+    _watched["trackers"] = [tracker for tracker in trackers if tracker is not None]
 
 
 class _Watchdog:
@@ -123,14 +124,15 @@ class _Watchdog:
 
     def _exit(self, signum: int, why: str) -> None:
         name = signal.Signals(signum).name
-        tracker = _watched["tracker"]
-        if tracker is not None:
+        trackers = _watched["trackers"]
+        for tracker in trackers:
             try:
                 tracker.mark_failed(Interrupted(signum), "KILLED", tags={"signal": name})
             except Exception as error:  # exiting anyway: say why the run may still look RUNNING
-                print(f"warning: could not mark the MLflow run KILLED: {error}", file=sys.stderr)
-        print(f"error: stopped by {name} ({why}); exiting now"
-              f"{'; the MLflow run is marked KILLED' if tracker is not None else ''}; the same command "
+                print(f"warning: could not mark MLflow run {tracker.run_id} KILLED: {error}", file=sys.stderr)
+        marked = "" if not trackers else ("; the MLflow run is marked KILLED" if len(trackers) == 1
+                                          else f"; the {len(trackers)} MLflow runs are marked KILLED")
+        print(f"error: stopped by {name} ({why}); exiting now{marked}; the same command "
               f"resumes from the last completed epoch", file=sys.stderr, flush=True)
         logging.shutdown()
         os._exit(128 + signum)
@@ -141,7 +143,7 @@ class _Watchdog:
         os.close(self._write)  # wakes the thread's select
         self._thread.join(timeout=5)
         os.close(self._read)
-        _watched["tracker"] = None
+        _watched["trackers"] = []
 
 
 def stopped_by(error: BaseException) -> int | None:

@@ -24,6 +24,9 @@ log = logging.getLogger("cnnlab")
 
 PARENT_FILE = "mlflow_parent_run_id"  # the sweep running now
 PARENTS_FILE = "mlflow_parent_runs.json"  # sweep command -> its parent run, for relaunches
+# The parent run this process opened for the sweep running now: Hydra calls no end-of-sweep hook
+# when a signal stops the sweep, so the command line closes it (close_interrupted_sweep).
+_open_parent: dict[str, Any] = {}
 
 
 def swept_keys(config: DictConfig) -> dict[str, str]:
@@ -110,6 +113,7 @@ class MlflowSweep(Callback):
             # The same sweep command again: its finished jobs are skipped, unfinished ones
             # resume from their checkpoints, all under the parent they had.
             (sweep_dir / PARENT_FILE).write_text(known[key])
+            _open_parent.update(uri=tracker.uri, runs=runs, run_id=known[key])
             log.info("sweep continues its MLflow parent run %s", known[key])
             return
         varying = swept_keys(config)
@@ -126,9 +130,11 @@ class MlflowSweep(Callback):
                             **{f"sweep.grid.{k}": v for k, v in varying.items()}})
         (sweep_dir / PARENT_FILE).write_text(tracker.run_id)
         write_atomic(sweep_dir / PARENTS_FILE, json.dumps({**known, key: tracker.run_id}, indent=1))
+        _open_parent.update(uri=tracker.uri, runs=runs, run_id=tracker.run_id)
         log.info("sweep parent MLflow run %s", tracker.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _open_parent.clear()
         if not config.tracking.enabled or config.tracking.parent:  # a parent given is closed by its owner
             return
         from cnnlab.results.compare import compare, write_outputs
@@ -149,3 +155,24 @@ class MlflowSweep(Callback):
             tracker.finish("FAILED")
             raise
         tracker.finish("FINISHED")
+
+
+def close_interrupted_sweep(error: BaseException, argv: list[str]) -> str | None:
+    """After a signal stopped a sweep (`error`, an Interrupted): mark its parent run KILLED with a
+    `signal` tag (the job that was running marked its own run), and return what to add to the
+    error line: the command that resumes the sweep. None when no sweep was running."""
+    import shlex
+    import signal
+
+    from cnnlab.tracking.writer import Tracker
+
+    if not _open_parent:
+        return None
+    opened = dict(_open_parent)
+    _open_parent.clear()
+    tracker = Tracker(opened["uri"], opened["runs"])
+    tracker.run_id = opened["run_id"]
+    tracker.mark_failed(error, "KILLED", tags={"signal": signal.Signals(error.signum).name})
+    command = shlex.join(["cnnlab", "train", *argv])
+    return (f"the sweep's MLflow parent run {opened['run_id']} is marked KILLED; the same command resumes the "
+            f"sweep (finished jobs are skipped): {command}")

@@ -134,8 +134,12 @@ def durable_checkpoint_io():
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list):
     import lightning as L
 
+    from cnnlab.training.progress import EpochBar
+
     t = cfg.trainer
-    progress = t.enable_progress_bar
+    # A bar only where one can be drawn: stdout (where it and the log lines go) is a terminal. In a log
+    # file or a pipe, a bar would be control codes and blank lines; false turns it off on a terminal too.
+    bar = t.enable_progress_bar is not False and sys.stdout.isatty()
     return L.Trainer(
         max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices,
         strategy=t.strategy, num_nodes=t.num_nodes, sync_batchnorm=t.sync_batchnorm,
@@ -145,9 +149,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list):
         # Lightning refuses an algorithm without a value to clip at: null clips nothing either way.
         gradient_clip_algorithm=t.gradient_clip_algorithm if t.gradient_clip_val is not None else None,
         accumulate_grad_batches=t.accumulate_grad_batches,
-        enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
+        enable_progress_bar=bar,
         logger=False,  # cnnlab logs epoch metrics itself (cnnlab.training.epoch_log)
-        callbacks=callbacks,
+        callbacks=[*callbacks, *([EpochBar()] if bar else [])],
         plugins=[durable_checkpoint_io()],
         num_sanity_val_steps=0,  # Keras validates only after each epoch
         enable_model_summary=False,  # cnnlab prints its own, Keras-style
