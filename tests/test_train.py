@@ -209,6 +209,36 @@ def test_folder_dataset_trains(tmp_path):
     assert str(tree) in run.data.params["data.source"]
 
 
+def test_other_pixels_under_the_same_command_never_resume_its_run(tmp_path, caplog):
+    """data.root is left out of run names, so the same command on another image tree found the
+    first tree's run and took it as done. Now the run directory records its data's fingerprint: the
+    other tree trains a separate run beside it, and the first tree still finds its own."""
+    import logging
+
+    first, second = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    (second / "train" / "cat" / "0.png").unlink()  # other pixels: one image fewer
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (7, 7, 7)).save(second / "train" / "cat" / "0.png")
+
+    def command(tree: Path) -> list[str]:
+        return ["data=folder", f"data.root={tree}", "data.shape=[3,16,16]", "data.num_classes=2",
+                f"paths.runs={tmp_path / 'runs'}", "trainer.max_epochs=1", "tracking.log_model=false",
+                "model.widths=[2]", "model.dense=[4]", "trainer.enable_progress_bar=false"]
+
+    a = train(compose(command(first)))
+    with caplog.at_level(logging.WARNING, logger="cnnlab"):
+        b = train(compose(command(second)))
+    assert b.run_dir == a.run_dir.with_name(a.run_dir.name + "-data-" + b.run_dir.name.rsplit("-", 1)[1])
+    assert "trained on other data" in caplog.text and str(b.run_dir) in caplog.text
+    assert b.run_id != a.run_id and len(_runs(tmp_path / "runs")) == 2
+    fingerprints = {r.info.run_id: r.data.tags["data.fingerprint"] for r in _runs(tmp_path / "runs")}
+    assert fingerprints[a.run_id] != fingerprints[b.run_id]
+    assert b.run_dir.name.endswith(fingerprints[b.run_id][:12])
+    again = train(compose(command(first)))  # the first tree: its own finished run, nothing trained
+    assert again.run_id == a.run_id and again.run_dir == a.run_dir and len(_runs(tmp_path / "runs")) == 2
+
+
 def test_history_rows_reach_mlflow_once_even_after_a_kill(tmp_path):
     """A killed run may have written an epoch's row (and checkpoint) but not logged it: the
     next flush sends exactly the missing rows, and flushing again sends nothing."""

@@ -19,6 +19,7 @@ log = logging.getLogger("cnnlab")
 RUN_ID_FILE = "mlflow_run_id"
 LOCK_FILE = ".cnnlab.lock"  # held (flock) by the process training in a run directory
 OWNER_FILE = ".cnnlab.owner"  # which process that is, for the error line of a second one
+DATA_FILE = "data.fingerprint"  # the pixels a run directory's run trains on (TensorData.fingerprint)
 LOCK_WAIT_S = 2.0  # a process that is just ending lets go within this; a running one does not
 
 
@@ -55,6 +56,25 @@ def run_directory_lock(run_dir: Path, held: bool = True) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def run_directory_for_data(run_dir: Path, fingerprint: str) -> Path:
+    """The folder a run on data with this fingerprint uses: `run_dir`, or, when `run_dir` holds a
+    run on other pixels (the same command with another data.archive or data.root), the sibling
+    `<run_dir>-data-<fingerprint[:12]>`, with one line saying so. A run directory records its
+    data in DATA_FILE the first time; one from before that record existed is taken as it is."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorded = run_dir / DATA_FILE
+    if not recorded.exists():
+        recorded.write_text(fingerprint + "\n")
+        return run_dir
+    before = recorded.read_text().strip()
+    if before == fingerprint:
+        return run_dir
+    other = run_dir.with_name(f"{run_dir.name}-data-{fingerprint[:12]}")
+    log.warning("the run in %s trained on other data (fingerprint %s..., now %s...): not resuming it; "
+                "this data's run is in %s", run_dir, before[:12], fingerprint[:12], other)
+    return run_directory_for_data(other, fingerprint)
 
 
 def open_run(cfg: DictConfig, runs: Path, run_dir: Path, name: str, tags: dict,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -37,20 +38,31 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> Result:
     from cnnlab.training.signals import handled
 
     run_dir = run_directory(cfg, run_name(cfg, overrides()))  # once: with run.fresh=true each call is a new one
-    with run_directory_lock(run_dir, held=process_rank() == 0), handled():
-        return _train(cfg, tags, run_dir)
+    with ExitStack() as held:
+        held.enter_context(run_directory_lock(run_dir, held=process_rank() == 0))
+        held.enter_context(handled())
+        return _train(cfg, tags, run_dir, held)
 
 
-def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path) -> Result:
+def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path, held: ExitStack) -> Result:
     plan, data_cfg = checked(cfg)
     from cnnlab.data.sources import dataset_profile, load_dataset
     from cnnlab.training.cpu_share import sample
+    from cnnlab.training.distributed import process_rank
+    from cnnlab.training.resume import run_directory_for_data, run_directory_lock
 
     started = sample()  # other processes' CPU use while this run starts: torch_threads
 
     runs = Path(cfg.paths.runs).resolve()
     data = load_dataset(data_cfg, Path(cfg.paths.cache), cfg.seed)
     check_batch_limits(cfg.trainer, data_cfg, len(data.train_x), len(data.test_x))  # needs the data's size
+    fingerprint = data.fingerprint()  # hashes every pixel: once per run
+    # Run names leave out where the data lives (data.root, data.archive), so other pixels under the
+    # same command would find this folder: such a run never resumes here, nor counts as done.
+    other_data_dir = run_directory_for_data(run_dir, fingerprint)
+    if other_data_dir != run_dir:
+        run_dir = other_data_dir
+        held.enter_context(run_directory_lock(run_dir, held=process_rank() == 0))
 
     import lightning as L
     import torch
@@ -82,7 +94,6 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path) -> Re
     if threads:
         torch.set_num_threads(threads)
 
-    fingerprint = data.fingerprint()  # hashes every pixel: once per run
     tracker = None
     # Under DDP, Lightning runs this function again in one process per extra rank; only
     # rank zero opens (or resumes) the MLflow run and writes the run's files.
