@@ -82,7 +82,13 @@ def hand_loop_epoch(args, runs: Path, repeat: int) -> tuple[float, float]:
     # Passes are numbered 0, 1, ... as they start: the same (seed, epoch) order as cnnlab's.
     batches = TensorBatches(data.train_x, data.train_y, 32, shuffle=True, seed=repeat)
     tests = TensorBatches(data.test_x, data.test_y, cfg.data.eval_batch_size)
-    for _ in range(args.epochs):
+    return hand_epochs(net, optimizer, batches, tests, args.epochs)
+
+
+def hand_epochs(net, optimizer, batches, tests, epochs: int) -> tuple[float, float]:
+    """The hand-written loop itself (also benchmarks/resnet_epoch.py's): `epochs` passes of train +
+    evaluation; the last pass's seconds and its validation accuracy."""
+    for _ in range(epochs):
         start = time.perf_counter()
         net.train()
         # The same bookkeeping cnnlab does: epoch loss and accuracy, kept on the device.
@@ -97,15 +103,16 @@ def hand_loop_epoch(args, runs: Path, repeat: int) -> tuple[float, float]:
             correct += (logits.argmax(1) == y).sum()
         train_stats = (loss_sum.item(), correct.item())  # read once per epoch, like cnnlab's logs
         net.eval()
-        val_loss, val_correct = 0.0, 0
+        val_loss, val_correct, seen = 0.0, 0, 0
         with torch.no_grad():
             for x, y in tests:
                 logits = net(x)
                 val_loss += F.cross_entropy(logits, y, reduction="sum").item()
                 val_correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
         seconds = time.perf_counter() - start
         assert train_stats[1] >= 0
-    return seconds, val_correct / len(data.test_y)
+    return seconds, val_correct / seen
 
 
 def keras_epoch(args, npz: Path, repeat: int) -> tuple[float, float]:

@@ -26,17 +26,15 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from epoch_time import ARCHIVE, REPO, machine  # noqa: E402
+from epoch_time import ARCHIVE, REPO, hand_epochs, machine  # noqa: E402
 
 from cnnlab.config.compose import compose  # noqa: E402
 from cnnlab.data import sources  # noqa: E402
@@ -92,29 +90,7 @@ def hand_loop_epoch(args, runs: Path, repeat: int) -> tuple[float, float]:
     optimizer = make_optimizer(net.parameters(), dict(cfg.optim))
     batches = TensorBatches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=repeat)
     tests = TensorBatches(data.test_x, data.test_y, cfg.data.eval_batch_size)
-    for _ in range(args.epochs):
-        start = time.perf_counter()
-        net.train()
-        loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
-        for x, y in batches:
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-        train_stats = (loss_sum.item(), correct.item())  # read once per epoch, like cnnlab's logs
-        net.eval()
-        val_correct = 0
-        with torch.no_grad():
-            for x, y in tests:
-                logits = net(x)
-                F.cross_entropy(logits, y, reduction="sum").item()
-                val_correct += (logits.argmax(1) == y).sum().item()
-        seconds = time.perf_counter() - start
-        assert train_stats[1] >= 0
-    return seconds, val_correct / len(data.test_y)
+    return hand_epochs(net, optimizer, batches, tests, args.epochs)
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ property end to end, and the full-disk rows need a process of their own for RLIM
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import re
 import resource
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from log_handlers import handlers_restored
 from PIL import Image
 
 from cnnlab.cli import main
@@ -614,18 +614,11 @@ def _in_process(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # `cnnlab train` rewrites argv for Hydra
     # Hydra's app configures logging for its job (handlers on this test's captured streams and
     # on a log file under tmp_path); put it back, or later tests log into closed streams.
-    loggers = [logging.getLogger(), logging.getLogger("lightning"), logging.getLogger("cnnlab")]
-    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
-    try:
-        code = main(["train", *args])
-    except SystemExit as exit_:  # raised inside Hydra's app for errors found while training
-        code = exit_.code
-    finally:
-        for logger, handlers, level in saved:
-            for handler in set(logger.handlers) - set(handlers):
-                handler.close()
-            logger.handlers[:] = handlers
-            logger.setLevel(level)
+    with handlers_restored():
+        try:
+            code = main(["train", *args])
+        except SystemExit as exit_:  # raised inside Hydra's app for errors found while training
+            code = exit_.code
     return code, capsys.readouterr().err
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from log_handlers import handlers_restored
 from mlflow.tracking import MlflowClient
 
 from cnnlab.config.compose import compose
@@ -108,24 +109,15 @@ def test_chdir_and_the_default_experiment_write_nothing_outside_paths_runs(tmp_p
     """hydra.job.chdir=true with a relative paths.runs nested the store inside the job's output folder
     (runs/outputs/<job>/runs/mlflow.db); MLflow's "Default" experiment kept its artifacts in
     ./mlruns of the working folder. One command with both: everything lands in <cwd>/runs."""
-    import logging
     import os
 
     from cnnlab.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    loggers = [logging.getLogger(), logging.getLogger("lightning"), logging.getLogger("cnnlab")]
-    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
-    try:  # Hydra's app adds log handlers for its job: put them back
+    with handlers_restored():  # Hydra's app adds log handlers for its job: put them back
         code = main(["train", *TINY, "paths.runs=runs", "trainer.max_epochs=1", "hydra.job.chdir=true",
                      "tracking.experiment=Default", "data.n_train=64", "data.n_test=32"])
-    finally:
-        for logger, handlers, level in saved:
-            for handler in set(logger.handlers) - set(handlers):
-                handler.close()
-            logger.handlers[:] = handlers
-            logger.setLevel(level)
     assert code == 0 and Path.cwd() == tmp_path
     assert os.listdir(tmp_path) == ["runs"]
     assert not [p for p in tmp_path.rglob("*") if p.name in ("mlruns", "runs") and p != tmp_path / "runs"]
