@@ -43,6 +43,7 @@ DERIVED = ("model.total_params", "model.trainable_params", "model.macs", "model.
 REPLICATE = "seed"
 # Tags of runs that check another run rather than replicate it: compare leaves them out.
 REPRODUCES_TAG = "reproduces"  # = the run id reproduced (cnnlab reproduce)
+TORCH_THREADS_TAG = "torch.threads"  # the CPU threads a run trained with: reproduce uses the same
 AUDIT_TAG = "audit"  # = which of the audit's two runs (cnnlab audit)
 CHECK_TAGS = (REPRODUCES_TAG, AUDIT_TAG)
 # A registered model's factory: its source file and the file's sha256 when it trained (reproduce

@@ -127,3 +127,24 @@ def test_off_the_cpu_the_tolerance_comes_from_the_seed_spread_or_is_relative(tmp
     limits, _ = tolerances(reader, reader.run(lone), on_cpu=False, given=None)
     assert limits["val/acc"] == pytest.approx(0.006) and limits["val/loss"] == pytest.approx(0.03)
     assert tolerances(reader, reader.run(lone), on_cpu=True, given=None)[0]["val/acc"] == 0
+
+
+def test_the_threads_the_machine_chose_are_used_again(tmp_path, monkeypatch):
+    """trainer.threads=null takes fewer threads on a busy machine (cnnlab.training.cpu_share), and on
+    the CPU the thread count changes the rounding: reproduce trains with the original's threads."""
+    import torch
+
+    from cnnlab.training import cpu_share
+
+    quick = [a for a in TINY if a != "trainer.deterministic=true"]  # deterministic runs keep the default
+    monkeypatch.setattr(cpu_share, "others_busy_cores", lambda since: 0.0)  # quiet: torch's default
+    train(compose([*quick, f"paths.runs={tmp_path}"]))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["torch.threads"] == str(torch.get_num_threads())
+    monkeypatch.setattr(cpu_share, "others_busy_cores", lambda since: 64.0)  # busy: 1 thread unless told
+    result = reproduce(f"sqlite:///{tmp_path}/mlflow.db", run.info.run_id, tmp_path)
+    new = client.get_run(result.new)
+    assert new.data.tags["torch.threads"] == run.data.tags["torch.threads"]
+    assert not any("torch threads" in w for w in result.warnings)
+    assert result.identical, result.text()

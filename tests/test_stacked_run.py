@@ -16,8 +16,11 @@ from cnnlab.training.stacked_run import MASKED_FILE, SeedJob, load_lone_checkpoi
 
 # The baseline's layers (conv, bn, relu, maxpool, dropout, flatten, dense, dropout, dense), tiny:
 # 256 synthetic images of 16x16, batch 32, so 8 steps an epoch.
+# trainer.threads=1: the stack and the lone run must not choose different thread counts (a run with
+# none measures the machine's load at start, cnnlab.training.cpu_share), which changes the rounding.
 TINY = ["data=synthetic", "model=baseline", "model.widths=[4]", "model.dense=[8]", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", "trainer.max_epochs=2"]
+        "trainer.enable_progress_bar=false", "trainer.max_epochs=2", "trainer.threads=1"]
+N_TEST = 64  # conf/data/synthetic.yaml: one test image is 1/64 of val/acc
 STEPS_PER_EPOCH = 8
 
 
@@ -70,8 +73,10 @@ def test_a_stacked_seed_is_its_lone_run(stacked):
         ours = client.get_metric_history(mine.info.run_id, key)
         theirs = client.get_metric_history(lone.info.run_id, key)
         assert [m.step for m in ours] == [m.step for m in theirs] == [1, 2]
-        if key != "time/epoch_s":
+        if key.startswith("train/"):
             assert [m.value for m in ours] == pytest.approx([m.value for m in theirs], rel=1e-5), key
+        elif key == "val/acc":  # the weights differ by rounding (below): an image on the boundary may flip
+            assert [m.value for m in ours] == pytest.approx([m.value for m in theirs], abs=1 / N_TEST + 1e-9), key
     # val/loss: within 1e-2, not 1e-5: the conv bias before BatchNorm has a gradient that is rounding
     # noise, which Adam scales up (cnnlab.model.stacked's docstring), and it shifts the running mean.
     assert mine.data.metrics["val/loss"] == pytest.approx(lone.data.metrics["val/loss"], rel=1e-2)

@@ -21,13 +21,13 @@ from omegaconf import OmegaConf
 
 from cnnlab.errors import ConfigError
 from cnnlab.tracking.reader import Reader
-from cnnlab.vocabulary import ALL_METRICS, EPOCH_METRICS, REPRODUCES_TAG, is_trained
+from cnnlab.vocabulary import ALL_METRICS, EPOCH_METRICS, REPRODUCES_TAG, TORCH_THREADS_TAG, is_trained
 
 # Tags whose difference would explain a mismatch.
 CONTEXT = {"mlflow.source.git.commit": "code version (git commit)", "git.dirty": "uncommitted changes",
            "version.torch": "torch version", "version.lightning": "lightning version",
            "version.mlflow": "mlflow version", "version.python": "python version",
-           "data.fingerprint": "data fingerprint", "device": "device"}
+           "data.fingerprint": "data fingerprint", "device": "device", TORCH_THREADS_TAG: "torch threads"}
 # Off the CPU (GPU kernels are not bitwise repeatable) and with no seed-to-seed spread known:
 # a difference relative to the original's value, per kind of metric. A same-seed rerun differs
 # by rounding only, far less than one seed from another (on the chapter's baseline, seeds
@@ -146,10 +146,14 @@ def reproduce(uri: str, run_id: str, runs: Path, overrides: list[str] | None = N
     cfg = OmegaConf.merge(OmegaConf.masked_copy(compose([]), ["run", "tracking"]),
                           OmegaConf.create(reader.read_text(run_id, "config.yaml")))
     OmegaConf.set_struct(cfg, True)  # an override of a key the run did not have is an error
+    # The threads the original trained with, where the machine chose them (trainer.threads=null picks
+    # fewer on a busy machine, cnnlab.training.cpu_share): on the CPU they change the rounding.
+    threads = original.data.tags.get(TORCH_THREADS_TAG)
+    same_threads = [f"trainer.threads={threads}"] if cfg.trainer.threads is None and threads else []
     cfg.merge_with(OmegaConf.from_dotlist([
         # This user's decode cache, not the one the logged config resolved to (another machine's).
         f"paths.runs={runs}", f"paths.cache={user_cache_dir()}", "ckpt_path=null",
-        f"tracking.uri={uri}", *(overrides or [])]))
+        f"tracking.uri={uri}", *same_threads, *(overrides or [])]))
     # Named by the original and the config it trains: the same reproduction again is found, not
     # repeated, and another original (or other overrides) never finds this one.
     cfg.tracking.run_name = f"reproduce-{run_id[:12]}-{config_hash(cfg)[:8]}"

@@ -88,7 +88,7 @@ def wants_weights_txt(setting: bool | str, model: Mapping[str, Any]) -> bool:
 
 
 def write_run_files(run_dir: Path, plan, network: nn.Module, config_yaml: str, classes: list[str],
-                    weights_txt: bool = True) -> None:
+                    weights_txt: bool) -> None:
     """Everything a finished run leaves in its directory, besides checkpoints."""
     from cnnlab.model.summary import summary_dict, summary_text
 

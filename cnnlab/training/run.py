@@ -16,7 +16,7 @@ from cnnlab.training import collector
 from cnnlab.training.checks import check_batch_limits, checked
 from cnnlab.training.naming import DESCRIPTION_TAG, overrides, run_description, run_directory, run_name, sweep_tags
 from cnnlab.training.result import Result, run_result
-from cnnlab.vocabulary import TEST_METRICS
+from cnnlab.vocabulary import TEST_METRICS, TORCH_THREADS_TAG
 
 log = logging.getLogger("cnnlab")
 
@@ -194,9 +194,14 @@ def _outcome(cfg: DictConfig, result, tracker) -> str:
 def run_tags(cfg: DictConfig, plan, data_cfg: Mapping, job_overrides: list[str], run_dir: Path,
              fingerprint: str) -> dict:
     """The tags a new run starts with (the sweep's and the caller's are added to them)."""
+    import torch
+
     from cnnlab.tracking.provenance import provenance_tags
 
+    # The thread count is part of the arithmetic on the CPU (how sums are split): chosen by the
+    # machine's load when trainer.threads is null, so recorded for reproduce to use again.
     return {**provenance_tags(), "overrides": " ".join(job_overrides) or "(none)", "seed": cfg.seed,
+            TORCH_THREADS_TAG: torch.get_num_threads(),
             "model": plan.name, "data": data_cfg["name"], "run_dir": str(run_dir),
             "config.hash": config_hash(cfg), "data.fingerprint": fingerprint, **source_tags(plan),
             DESCRIPTION_TAG: run_description(cfg, run_name(cfg, job_overrides), job_overrides)}

@@ -510,7 +510,7 @@ def _finish(seeds: list[_Seed], network, evaluate, plan, max_epochs: int, monito
     import torch
 
     from cnnlab.model.build import build
-    from cnnlab.training.artifacts import log_pytorch_model, log_run_files, write_run_files
+    from cnnlab.training.artifacts import log_pytorch_model, log_run_files, wants_weights_txt, write_run_files
 
     live = [s for s, seed in enumerate(seeds) if not seed.failed]
     for s in live:
@@ -527,7 +527,8 @@ def _finish(seeds: list[_Seed], network, evaluate, plan, max_epochs: int, monito
         lone = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps, logits=True)
         lone.load_state_dict(network.lone_state_dict(s))
         config_yaml = OmegaConf.to_yaml(seed.job.cfg, resolve=True)
-        write_run_files(seed.job.run_dir, plan, lone, config_yaml, seed.data.classes)
+        write_run_files(seed.job.run_dir, plan, lone, config_yaml, seed.data.classes,
+                        wants_weights_txt(cfg.tracking.weights_txt, container(cfg.model)))
         if seed.tracker:
             seed.tracker.log_metrics({"test/loss": test_loss[s], "test/acc": test_acc[s]}, step=max_epochs)
             log_run_files(seed.tracker, seed.job.run_dir)
