@@ -374,14 +374,6 @@ def _server_needs_uri(cfg: Mapping[str, Any]) -> None:
                           f"or MLFLOW_TRACKING_URI); for a local store use tracking=mlflow")
 
 
-def _system_metrics_need_psutil(cfg: Mapping[str, Any]) -> None:
-    import importlib.util
-
-    if cfg["system_metrics"] and importlib.util.find_spec("psutil") is None:
-        raise ConfigError("tracking.system_metrics=true needs psutil, which is not installed: "
-                          "pip install 'cnnlab[system-metrics]', or tracking.system_metrics=false")
-
-
 TRACKING = Group("tracking", {
     "enabled": Flag("track in MLflow"),
     # An empty MLFLOW_TRACKING_URI means unset, as null does.
@@ -398,8 +390,8 @@ TRACKING = Group("tracking", {
     "parent": Text("a run id whose children a multirun's jobs become (cnnlab ablate)", nullable=True),
     "weights_txt": Field(lambda v: v == "auto" or isinstance(v, bool), "auto, true or false",
                          "weights.txt: auto = only for the chapter's baseline model"),
-    "system_metrics": Flag("MLflow's system metrics monitor (needs psutil)"),
-}, rules=(_server_needs_uri, _tracking_uri_form, _system_metrics_need_psutil))
+    "system_metrics": Flag("MLflow's system metrics monitor (psutil, a dependency of cnnlab)"),
+}, rules=(_server_needs_uri, _tracking_uri_form))
 
 CHECKPOINT = Group("checkpoint", {
     "monitor": Choice(MONITORS, "the metric the best checkpoint follows (logged every epoch)"),
