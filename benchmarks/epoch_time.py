@@ -218,6 +218,19 @@ def whole_process(args, runs: Path, npz: Path, keras: bool) -> None:
         print(f"| {n} | " + " | ".join(cells) + " |")
 
 
+def one_round(measures: dict, repeat: int, repeats: int, times: dict, accuracy: dict) -> None:
+    """Each contender once, appending its (seconds, accuracy). The order rotates each repeat, so no
+    contender always runs first (right after another process freed the cores) or last."""
+    names = list(measures)
+    shift = repeat % len(names)
+    for name in names[shift:] + names[:shift]:
+        seconds, acc = measures[name]()
+        times[name].append(seconds)
+        accuracy[name].append(acc)
+    print(f"repeat {repeat + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+          flush=True)
+
+
 def main() -> None:
     # The glibc malloc settings `cnnlab train` runs with (cnnlab/training/allocator.py), for every
     # contender alike: the hand loop and Keras run in this process or inherit its environment.
@@ -256,16 +269,7 @@ def main() -> None:
                     "hand-written loop": partial(hand_loop_epoch, args, runs, repeat)}
         if keras:
             measures[KERAS] = partial(keras_epoch, args, npz, repeat)
-        # The order rotates each repeat, so no contender always runs first (right after
-        # another process freed the cores) or last.
-        names = list(measures)
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            seconds, acc = measures[name]()
-            times[name].append(seconds)
-            accuracy[name].append(acc)
-        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-            f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+        one_round(measures, repeat, args.repeats, times, accuracy)
     hand = statistics.median(times["hand-written loop"])
     on, off = statistics.median(times["cnnlab, tracking on"]), statistics.median(times["cnnlab, tracking off"])
     n = args.subset or 50_000

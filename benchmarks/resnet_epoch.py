@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from epoch_time import ARCHIVE, REPO, hand_epochs, machine  # noqa: E402
+from epoch_time import ARCHIVE, REPO, hand_epochs, machine, one_round  # noqa: E402
 
 from cnnlab.config.compose import compose  # noqa: E402
 from cnnlab.data import sources  # noqa: E402
@@ -122,13 +122,7 @@ def main() -> None:
             measures = {"cnnlab, tracking on": partial(cnnlab_epoch, args, runs, True, repeat),
                         "cnnlab, tracking off": partial(cnnlab_epoch, args, runs, False, repeat),
                         "hand-written loop": partial(hand_loop_epoch, args, runs, repeat)}
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:
-                seconds, acc = measures[name]()
-                times[name].append(seconds)
-                accuracy[name].append(acc)
-            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-                f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+            one_round(measures, repeat, args.repeats, times, accuracy)
     hand = statistics.median(times["hand-written loop"])
     n = args.subset or 50_000
     print(f"\nResNet-{args.depth}, SGD lr {args.lr:g}, batch {args.batch_size}, {n} train + "
