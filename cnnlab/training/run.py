@@ -70,7 +70,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path, held:
     from cnnlab.data.batches import TensorDataModule
     from cnnlab.model.summary import summary_text
     from cnnlab.training.artifacts import log_pytorch_model, log_run_files, wants_weights_txt, write_run_files
-    from cnnlab.training.distributed import prepare_strategy, process_rank
+    from cnnlab.training.distributed import prepare_strategy
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.module import Classifier
     from cnnlab.training.resume import open_run, resume_point
