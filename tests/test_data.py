@@ -164,7 +164,7 @@ def test_archive_loads_the_same_tensors_and_caches(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(datasets, "_decode", boom)
+    monkeypatch.setattr(datasets, "decode_image", boom)
     again = load(tree_cfg(tmp_path, archive=str(archive)), tmp_path)
     assert again.fingerprint() == from_tar.fingerprint() and "decoded cache" in again.source
     assert load(tree_cfg(tmp_path), tmp_path).fingerprint() == from_tree.fingerprint()
@@ -181,13 +181,13 @@ def test_changed_image_invalidates_the_tree_cache(tmp_path):
 
 def _count_decodes(monkeypatch) -> list[str]:
     decoded: list[str] = []
-    real = datasets._decode
+    real = datasets.decode_image
 
     def counting(raw, shown, *rest):
         decoded.append(shown)
         return real(raw, shown, *rest)
 
-    monkeypatch.setattr(datasets, "_decode", counting)
+    monkeypatch.setattr(datasets, "decode_image", counting)
     return decoded
 
 

@@ -564,7 +564,7 @@ def _decode_listing(listing: Listing, classes: list[str], read: Callable[[str], 
             images, labels = [], []
             for label, cls in enumerate(classes):
                 for shown, key in listing[split][cls]:
-                    image = _decode(read(key), shown, shape, messages)  # (C, H, W) uint8
+                    image = decode_image(read(key), shown, shape, messages)  # (C, H, W) uint8
                     if tuple(image.shape) != shape:
                         raise ConfigError(f"image {shown} has shape {list(image.shape)} (channels, "
                                           f"height, width) but data.shape={list(shape)}")
@@ -583,7 +583,7 @@ class DecoderMessages:
     print). While the images decode, fd 2 goes to a temporary file, emptied before each image
     and read after it: anything there is a decoder's message about that image. Decoding runs in
     one thread before the trainer starts, Python warnings are recorded rather than printed
-    (_decode) and cnnlab logs nothing in that window."""
+    (decode_image) and cnnlab logs nothing in that window."""
 
     def __enter__(self) -> DecoderMessages:
         import sys
@@ -654,8 +654,8 @@ def _header_size(raw: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _decode(raw: bytes, shown: str, shape: tuple[int, ...], messages: DecoderMessages,
-            wanted: str | None = None) -> torch.Tensor:
+def decode_image(raw: bytes, shown: str, shape: tuple[int, ...], messages: DecoderMessages,
+                 wanted: str | None = None) -> torch.Tensor:
     """One encoded image -> (C, H, W) uint8; an unreadable, corrupt or oversized image names its file.
 
     The size the header declares is checked first: an image whose size is not data.shape's is

@@ -27,7 +27,7 @@ def read_images(paths: list[str], loaded: LoadedRun):
     import numpy as np
 
     # The decoder training used for image trees; private there, shared so files decode alike.
-    from cnnlab.data.sources import DecoderMessages, _decode
+    from cnnlab.data.sources import DecoderMessages, decode_image
 
     expected = "x".join(map(str, loaded.preprocess.image_shape))
     wanted = f"the run's network takes {expected} (height x width x channels)"
@@ -38,7 +38,7 @@ def read_images(paths: list[str], loaded: LoadedRun):
                 raw = Path(path).read_bytes()
             except OSError as error:
                 raise ConfigError(f"cannot read image {path}: {error.strerror}") from None
-            image = _decode(raw, path, tuple(loaded.preprocess.shape), messages, wanted)
+            image = decode_image(raw, path, tuple(loaded.preprocess.shape), messages, wanted)
             image = image.permute(1, 2, 0).numpy()  # (H, W, C)
             if image.shape != loaded.preprocess.image_shape:
                 raise ConfigError(f"image {path} is {'x'.join(map(str, image.shape))} but {wanted}")
