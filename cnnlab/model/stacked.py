@@ -74,6 +74,7 @@ from cnnlab.model.build import (
     pool_module,
     residual_modules,
 )
+from cnnlab.model.dropout import bernoulli_noise
 from cnnlab.model.plan import ModelPlan
 from cnnlab.model.shapes import Analysis, LayerInfo, shortcut_kind
 from cnnlab.model.spec import (
@@ -287,11 +288,11 @@ def _cuda_dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torc
 class StackedDropout(nn.Module):
     """Dropout with per-copy masks.
 
-    exact: copy s's mask is the one its lone run draws. On the CPU, nn.Dropout
-        (ATen's _dropout_impl) does `noise = empty_like(x, contiguous);
-        noise.bernoulli_(1 - p); noise.div_(1 - p); x * noise` from the global
-        generator; here the same four steps run on a contiguous tensor of the
-        lone shape with copy s's generator, so masks and outputs match bitwise.
+    exact: copy s's mask is the one its lone run draws. On the CPU, cnnlab's Dropout
+        (cnnlab.model.dropout) multiplies by `bernoulli_noise`, torch's dropout noise for
+        a contiguous tensor of x's shape from the global generator; here the same noise
+        is drawn for copy s's lone shape from copy s's generator, so masks and outputs
+        match bitwise, whatever the memory layout of either.
         On CUDA nn.Dropout uses the fused native_dropout kernel, which takes no
         generator: the global CUDA generator is swapped for copy s's around an
         F.dropout call on copy s's (contiguous) slice. S mask draws per layer.
@@ -317,11 +318,7 @@ class StackedDropout(nn.Module):
         join = (lambda ts: torch.cat(ts, dim=1)) if maps else (lambda ts: torch.stack(ts, dim=0))
         if x.device.type == "cuda":
             return join([_cuda_dropout(part.contiguous(), self.p, g) for part, g in zip(parts, gens)])
-        noise = []
-        for part, g in zip(parts, gens):
-            n = torch.empty(part.shape, dtype=x.dtype, device=x.device)  # contiguous, as the lone noise
-            n.bernoulli_(1 - self.p, generator=g)
-            noise.append(n.div_(1 - self.p))
+        noise = [bernoulli_noise(part.shape, 1 - self.p, x.dtype, x.device, generator=g) for part, g in zip(parts, gens)]
         return x * join(noise)  # (B, S*C, H, W) or (S, B, F); element-wise, so bitwise the lone products
 
     def extra_repr(self) -> str:
