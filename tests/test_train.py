@@ -326,3 +326,22 @@ def test_last_checkpoint_follows_every_epoch_even_when_the_monitor_does_not_impr
     assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
     assert torch.load(folder / "best.ckpt", weights_only=True)["epoch"] == 0
     assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
+def test_a_run_on_a_machine_without_cuda_devices_drops_lightnings_nvml_probe(tmp_path, monkeypatch):
+    """`import lightning` sets PYTORCH_NVML_BASED_CUDA_CHECK=1, which makes every Adam step open the
+    NVML library (cnnlab.training.trainer.cheap_cuda_probe): a run where no device is counted drops it;
+    where one is, it stays."""
+    import os
+
+    from cnnlab.training.trainer import cheap_cuda_probe
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a CUDA device")
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    train(_cfg(tmp_path, "trainer.max_epochs=1", "tracking.enabled=false"))
+    assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cheap_cuda_probe()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"

@@ -75,7 +75,8 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path, held:
     from cnnlab.training.module import Classifier
     from cnnlab.training.resume import open_run, resume_point
     from cnnlab.training.signals import preemption_callback, record_stop, watch
-    from cnnlab.training.trainer import checkpoints, early_stopping, make_trainer, one_log_stream, torch_threads
+    from cnnlab.training.trainer import (cheap_cuda_probe, checkpoints, early_stopping, make_trainer, one_log_stream,
+                                         torch_threads)
 
     job_overrides = overrides()
     name = run_name(cfg, job_overrides)
@@ -83,6 +84,7 @@ def _train(cfg: DictConfig, tags: Mapping[str, str] | None, run_dir: Path, held:
     resume_from = resume_point(cfg, run_dir)
 
     one_log_stream()
+    cheap_cuda_probe()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     network = plan.build()  # the layer language's build() or an opaque module's factory (cnnlab.model.plan)
     if cfg.trainer.channels_last:

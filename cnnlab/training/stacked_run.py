@@ -262,7 +262,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     from cnnlab.training.resume import open_run
     from cnnlab.training.run import log_first_params, run_tags
     from cnnlab.training.signals import record_stop, watch
-    from cnnlab.training.trainer import one_log_stream, torch_threads
+    from cnnlab.training.trainer import cheap_cuda_probe, one_log_stream, torch_threads
 
     started = sample()  # other processes' CPU use while this job starts: torch_threads
     cfg = jobs[0].cfg
@@ -270,6 +270,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     runs = Path(cfg.paths.runs).resolve()
     device = torch.device(stack_device(container(cfg.trainer)))
     one_log_stream()
+    cheap_cuda_probe()
     threads = torch_threads(cfg.trainer.threads, started, cfg.trainer.deterministic)
     if threads:
         torch.set_num_threads(threads)
