@@ -1,0 +1,106 @@
+"""What each seed of a stack keeps as its own: early stopping, its log file, its data's folder
+(cnnlab.training.stacked_run, issue #17)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_stacked_run import TINY, _client, _history, _jobs, _runs_by_seed
+
+from cnnlab.config.compose import compose
+from cnnlab.train import train
+from cnnlab.training.stacked_run import train_stacked
+
+# patience=1 with min_delta=0.08 on val/loss: on TINY's data seed 9 stops after epoch 2, seed 1 after
+# 3, seed 8 after 4, of 5 (measured; the smallest margin between a val/loss change and 0.08 is 0.015,
+# far above the stack's rounding differences from the lone runs).
+STOPPING = ("early_stopping.patience=1", "early_stopping.min_delta=0.08", "trainer.max_epochs=5",
+            "tracking.log_model=false")
+STOPS = {9: 2, 1: 3, 8: 4}
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """Seeds 9, 1 and 8 stacked with early stopping, and each alone (experiment `lone`)."""
+    runs = tmp_path_factory.mktemp("runs")
+    scores = train_stacked(_jobs(runs, list(STOPS), *STOPPING))
+    lone = {s: train(compose([*TINY, f"paths.runs={runs}", f"seed={s}", *STOPPING,
+                              "tracking.experiment=lone"])).score for s in STOPS}
+    return runs, scores, lone
+
+
+def test_each_seed_stops_early_as_its_lone_run(stopped):
+    runs, scores, lone_scores = stopped
+    client = _client(runs)
+    ours, theirs = _runs_by_seed(runs), _runs_by_seed(runs, "lone")
+    assert len(set(STOPS.values())) == len(STOPS) and max(STOPS.values()) < 5  # the test's premise
+    for score, (seed, last) in zip(scores, STOPS.items()):
+        mine, lone = ours[seed], theirs[seed]
+        assert mine.info.status == lone.info.status == "FINISHED"
+        assert mine.data.tags["early_stopping.stopped_epoch"] == lone.data.tags["early_stopping.stopped_epoch"] \
+            == str(last)
+        rows, lone_rows = _history(runs / "stack" / f"s{seed}"), _history(Path(lone.data.tags["run_dir"]))
+        assert [r["epoch"] for r in rows] == [r["epoch"] for r in lone_rows] == list(range(1, last + 1))
+        for key in ("train/loss", "train/acc"):
+            assert [r[key] for r in rows] == pytest.approx([r[key] for r in lone_rows], rel=1e-5), key
+        # Within test_a_stacked_seed_is_its_lone_run's tolerances (the conv bias's rounding noise moves the
+        # BatchNorm running mean): val/loss rel 1e-2 (measured: at most 3e-3); val/acc 2 of the 64 test
+        # images, not 1: over 9 epochs, seed 9's first flipped two images on the boundary (0.344 vs 0.312).
+        assert [r["val/loss"] for r in rows] == pytest.approx([r["val/loss"] for r in lone_rows], rel=1e-2)
+        assert [r["val/acc"] for r in rows] == pytest.approx([r["val/acc"] for r in lone_rows], abs=2 / 64 + 1e-9)
+        # Tested once, at the lone run's epoch, on the weights it stopped with (checkpoint.test=last).
+        for key in ("test/loss", "test/acc"):
+            steps = [[m.step for m in client.get_metric_history(run.info.run_id, key)] for run in (mine, lone)]
+            assert steps[0] == steps[1] == [last], key
+        assert mine.data.metrics["test/loss"] == pytest.approx(lone.data.metrics["test/loss"], rel=1e-2)
+        assert score == pytest.approx(lone_scores[seed], rel=1e-2)
+        # Frozen after it stopped: its last.ckpt is of its last epoch, with Lightning's callback state.
+        last_ckpt = torch.load(runs / "stack" / f"s{seed}" / "checkpoints" / "last.ckpt", weights_only=True)
+        lone_ckpt = torch.load(Path(lone.data.tags["run_dir"]) / "checkpoints" / "last.ckpt",
+                               weights_only=True)
+        assert last_ckpt["epoch"] == lone_ckpt["epoch"] == last - 1
+        key = next(k for k in lone_ckpt["callbacks"] if k.startswith("EarlyStopping"))
+        mine_es, lone_es = last_ckpt["callbacks"][key], lone_ckpt["callbacks"][key]
+        numbers = ("best_score", "stopping_reason_message")  # the message quotes the best score
+        assert {k: v for k, v in mine_es.items() if k not in numbers} == \
+            {k: v for k, v in lone_es.items() if k not in numbers}
+        assert float(mine_es["best_score"]) == pytest.approx(float(lone_es["best_score"]), rel=1e-2)
+        assert mine_es["stopping_reason_message"].split(" Best score")[0] == \
+            lone_es["stopping_reason_message"].split(" Best score")[0] == \
+            "Monitored metric val/loss did not improve in the last 1 records."
+
+
+def test_a_killed_stack_does_not_train_a_stopped_seed_again(stopped, tmp_path):
+    """Killed in epoch 4, after seeds 9 and 1 stopped (epochs 2 and 3): the resumed stack trains seed 8
+    from its epoch 3 checkpoint, seeds 9 and 1 not at all (copy 0, seed 9, is not where the shared
+    optimizer step count comes from), and every seed ends as in the uninterrupted stack."""
+    runs, *_ = stopped
+    steps_per_epoch = 8
+
+    class Stop(Exception):
+        pass
+
+    def stop(network, step):
+        if step == 3 * steps_per_epoch + 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_stacked(_jobs(tmp_path, list(STOPS), *STOPPING), step_hook=stop)
+    frozen = [tmp_path / "stack" / f"s{seed}" / "checkpoints" / "last.ckpt" for seed in (9, 1)]
+    before = [path.read_bytes() for path in frozen]
+    seen = []
+    train_stacked(_jobs(tmp_path, list(STOPS), *STOPPING), step_hook=lambda network, step: seen.append(step))
+    assert seen[0] == 3 * steps_per_epoch + 1 and len(seen) == steps_per_epoch  # epoch 4 only
+    assert [path.read_bytes() for path in frozen] == before
+    by_seed = _runs_by_seed(tmp_path)
+    for seed, last in STOPS.items():
+        assert by_seed[seed].info.status == "FINISHED"
+        assert by_seed[seed].data.tags["early_stopping.stopped_epoch"] == str(last)
+        ours, theirs = _history(tmp_path / "stack" / f"s{seed}"), _history(runs / "stack" / f"s{seed}")
+        assert [r["epoch"] for r in ours] == list(range(1, last + 1))
+        for key in ("train/loss", "val/loss"):
+            assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-6), key
+    # Finished: the same command again trains nothing.
+    seen.clear()
+    train_stacked(_jobs(tmp_path, list(STOPS), *STOPPING), step_hook=lambda network, step: seen.append(step))
+    assert seen == []
