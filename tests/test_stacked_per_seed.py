@@ -104,3 +104,57 @@ def test_a_killed_stack_does_not_train_a_stopped_seed_again(stopped, tmp_path):
     seen.clear()
     train_stacked(_jobs(tmp_path, list(STOPS), *STOPPING), step_hook=lambda network, step: seen.append(step))
     assert seen == []
+
+
+def test_each_job_log_file_gets_its_seeds_lines_and_the_shared_ones(tmp_path):
+    import logging
+
+    from cnnlab.training.stacked_launcher import each_job_logs
+
+    root, log = logging.getLogger(), logging.getLogger("cnnlab")
+    files = {seed: tmp_path / f"job{seed}" / "train.log" for seed in (1, 10)}
+    formatter = logging.Formatter("[%(name)s] %(message)s")
+    hydras = {}
+    for seed, path in files.items():  # what Hydra's job_logging gave each job while it was prepared
+        path.parent.mkdir()
+        hydras[seed] = logging.FileHandler(path)
+        hydras[seed].setFormatter(formatter)
+    root.addHandler(hydras[10])  # the last prepared job's file is the root's
+    before, level = list(root.handlers), root.level
+    root.setLevel(logging.INFO)  # as Hydra's job_logging sets it
+    try:
+        with each_job_logs([(seed, [handler]) for seed, handler in hydras.items()]):
+            assert root.handlers[:len(before) - 1] == before[:-1]  # the console stays, the file is replaced
+            for line in ("training seeds [1, 10] stacked", "seed 1: epoch 1/2", "seed 10: epoch 1/2",
+                         "seed 10 done"):
+                log.info(line)
+        assert root.handlers == before
+        log.info("after the stack")  # the last job's own handler again
+    finally:
+        root.setLevel(level)
+        root.removeHandler(hydras[10])
+        for handler in hydras.values():
+            handler.close()
+    text = {seed: path.read_text().splitlines() for seed, path in files.items()}
+    assert text[1] == ["[cnnlab] training seeds [1, 10] stacked", "[cnnlab] seed 1: epoch 1/2"]
+    assert text[10] == ["[cnnlab] training seeds [1, 10] stacked", "[cnnlab] seed 10: epoch 1/2",
+                        "[cnnlab] seed 10 done", "[cnnlab] after the stack"]
+
+
+def test_the_stacked_launcher_logs_each_seed_into_its_job_log(tmp_path, capsys, monkeypatch):
+    from test_bad_inputs import _in_process
+
+    code, err = _in_process(["-m", *TINY, "trainer.max_epochs=1", "tracking.log_model=false", f"paths.runs={tmp_path}",
+                             "seed=0,1", "hydra/launcher=stacked", "hydra.launcher.stack=force"],
+                            capsys, monkeypatch)
+    assert code == 0, err
+    logs = {}
+    for path in (tmp_path / "multirun" / "cnnlab").glob("*/train.log"):
+        seed = int(next(line for line in (path.parent / ".hydra" / "overrides.yaml").read_text().splitlines()
+                        if "seed=" in line).split("seed=")[1])
+        logs[seed] = path.read_text()
+    assert sorted(logs) == [0, 1]
+    for seed, other in ((0, 1), (1, 0)):
+        assert "training seeds [0, 1] stacked" in logs[seed]
+        assert f"seed {seed}: epoch 1/1" in logs[seed] and f"seed {seed} done" in logs[seed]
+        assert f"seed {other}: epoch" not in logs[seed] and f"seed {other} done" not in logs[seed]
