@@ -158,3 +158,32 @@ def test_the_stacked_launcher_logs_each_seed_into_its_job_log(tmp_path, capsys, 
         assert "training seeds [0, 1] stacked" in logs[seed]
         assert f"seed {seed}: epoch 1/1" in logs[seed] and f"seed {seed} done" in logs[seed]
         assert f"seed {other}: epoch" not in logs[seed] and f"seed {other} done" not in logs[seed]
+
+
+def test_a_seed_on_other_data_trains_beside_the_first_never_resuming_it(tmp_path, caplog):
+    """The same folders (run names leave out where the data lives), other pixels (data.noise here):
+    each seed trains in its own `s<seed>-data-<fp12>` folder, the first runs stay as they were."""
+    from cnnlab.training.resume import DATA_FILE
+
+    one_epoch = ("trainer.max_epochs=1", "tracking.log_model=false")
+    train_stacked(_jobs(tmp_path, [0, 1], *one_epoch))
+    first = {s: (tmp_path / "stack" / f"s{s}" / "checkpoints" / "last.ckpt").read_bytes() for s in (0, 1)}
+    with caplog.at_level("WARNING", logger="cnnlab"):
+        jobs = _jobs(tmp_path, [0, 1], *one_epoch, "data.noise=0.8")
+        train_stacked(jobs)
+    assert caplog.text.count("trained on other data") == 2  # one line per seed
+    for job in jobs:
+        fingerprint = (job.run_dir / DATA_FILE).read_text().strip()
+        assert job.run_dir == tmp_path / "stack" / f"s{job.seed}-data-{fingerprint[:12]}"
+        assert fingerprint != (tmp_path / "stack" / f"s{job.seed}" / DATA_FILE).read_text().strip()
+        assert [r["epoch"] for r in _history(job.run_dir)] == [1]
+        assert (tmp_path / "stack" / f"s{job.seed}" / "checkpoints" / "last.ckpt").read_bytes() == first[job.seed]
+    by_run_dir = {r.data.tags["run_dir"]: r for r in _client(tmp_path).search_runs(
+        [_client(tmp_path).get_experiment_by_name("cnnlab").experiment_id])}
+    assert len(by_run_dir) == 4 and all(r.info.status == "FINISHED" for r in by_run_dir.values())
+    assert all(str(job.run_dir) in by_run_dir for job in jobs)
+    # The first data again: its own folders, already done (nothing trained, no other run).
+    seen = []
+    again = _jobs(tmp_path, [0, 1], *one_epoch)
+    train_stacked(again, step_hook=lambda network, step: seen.append(step))
+    assert seen == [] and [job.run_dir for job in again] == [tmp_path / "stack" / f"s{s}" for s in (0, 1)]

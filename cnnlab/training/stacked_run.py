@@ -2,7 +2,8 @@
 the run it would have been alone (issue #17).
 
 Each seed is a `SeedJob`: its own config (seed=s, seeds=null: the lone run's config), overrides,
-run directory and MLflow run, with the lone run's tags and params plus a `stacked` tag, its own
+run directory (where a run on other data was, the lone run's sibling `<dir>-data-<fp12>`:
+resume.run_directory_for_data) and MLflow run, with the lone run's tags and params plus a `stacked` tag, its own
 history.jsonl, per-epoch metrics, artifacts and model. What each copy of the stack sees is what
 its lone run sees: its own data (load_dataset and the validation split are seeded by the seed),
 its own batch order and augmentation (StackedBatches: each seed's TensorBatches, bitwise), its
@@ -257,10 +258,10 @@ def train_stacked(jobs: Sequence[SeedJob], step_hook: Callable[[object, int], No
         for job in jobs:
             locks.enter_context(run_directory_lock(job.run_dir))
         locks.enter_context(handled())
-        return _train_stacked(jobs, step_hook, dropout_mode)
+        return _train_stacked(jobs, step_hook, dropout_mode, locks)
 
 
-def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> list[float]:
+def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str, locks: ExitStack) -> list[float]:
     import torch
 
     from cnnlab.data.batches import StackedBatches, TensorDataModule
@@ -269,7 +270,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     from cnnlab.training.cpu_share import sample
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.optim import make_optimizer, make_scheduler
-    from cnnlab.training.resume import open_run
+    from cnnlab.training.resume import open_run, run_directory_for_data, run_directory_lock
     from cnnlab.training.run import log_first_params, run_tags
     from cnnlab.training.signals import record_stop, watch
     from cnnlab.training.trainer import early_stopping, one_log_stream, torch_threads
@@ -291,15 +292,19 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     # Each seed: its data, its MLflow run (opened or resumed), or its stored result when done.
     seeds: list[_Seed] = []
     for job in jobs:
-        job.run_dir.mkdir(parents=True, exist_ok=True)
+        data = load_dataset(data_cfg, Path(cfg.paths.cache), job.seed)
+        check_batch_limits(cfg.trainer, data_cfg, len(data.train_x), len(data.test_x))
+        fingerprint = data.fingerprint()
+        # As a lone run (run.py): a folder whose run trained on other pixels is never resumed here.
+        other_data_dir = run_directory_for_data(job.run_dir, fingerprint)
+        if other_data_dir != job.run_dir:
+            job.run_dir = other_data_dir
+            locks.enter_context(run_directory_lock(job.run_dir))
         if (job.run_dir / MASKED_FILE).is_file():
             log.warning("seed %d was masked in its stack (%s); skipped: train it alone to retry it",
                         job.seed, json.loads((job.run_dir / MASKED_FILE).read_text())["why"])
             results[job.seed] = math.nan
             continue
-        data = load_dataset(data_cfg, Path(cfg.paths.cache), job.seed)
-        check_batch_limits(cfg.trainer, data_cfg, len(data.train_x), len(data.test_x))
-        fingerprint = data.fingerprint()
         tracker = None
         if cfg.tracking.enabled:
             last = job.run_dir / "checkpoints" / "last.ckpt"
