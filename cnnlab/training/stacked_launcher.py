@@ -151,8 +151,8 @@ class OtherSeeds(logging.Filter):
 @contextmanager
 def each_job_logs(files: Sequence[tuple[int, Sequence[logging.FileHandler]]]) -> Iterator[None]:
     """While a stack trains: for each (seed, its job's file handlers), a handler on the same file
-    (appending, same formatter and level) with the OtherSeeds filter, in place of the root's file
-    handlers (the last prepared job's). The root's handlers are put back as they were afterwards."""
+    (appending, same formatter and level) with the OtherSeeds filter, in place of those of the root
+    (the last prepared job's). The root's handlers are put back as they were afterwards."""
     root = logging.getLogger()
     before = list(root.handlers)
     added = []
@@ -163,9 +163,10 @@ def each_job_logs(files: Sequence[tuple[int, Sequence[logging.FileHandler]]]) ->
             own.setLevel(handler.level)
             own.addFilter(OtherSeeds(seed))
             added.append(own)
+    jobs = [handler for _, handlers in files for handler in handlers]
     try:
         for handler in before:
-            if isinstance(handler, logging.FileHandler):
+            if any(handler is job for job in jobs):
                 root.removeHandler(handler)
         for handler in added:
             root.addHandler(handler)
