@@ -14,6 +14,11 @@ batch x stack) plus each seed's data against `memory_fraction` of the device's f
 of sequential runs on 2 cores), `stack: force` stacks on the CPU too. Jobs that cannot be stacked
 (a layer, a setting, a single seed) run one job each, with one line saying why.
 
+Logs: Hydra gives each job its log file (<job folder>/train.log) while it prepares the job, so
+the stack's training would log only to the last prepared job's file. For the stack each job's
+file gets the stack's lines instead (`each_job_logs`): the shared ones and its own seed's, not the
+"seed N ..." lines of the stack's other seeds.
+
 Hydra only accepts launcher classes from the `hydra_plugins` package: the class Hydra
 instantiates is hydra_plugins/cnnlab_stacked_launcher/stacked_launcher.py, which only delegates
 here.
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -31,6 +38,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 log = logging.getLogger("cnnlab")
 
 STACK_MODES = ("auto", "force")
+# cnnlab.training.stacked_run starts every line about one seed with "seed <n>" (its epoch lines,
+# early stopping, a masked seed, its result).
+SEED_LINE = re.compile(r"seed (-?\d+)\b")
 
 
 def _task_config(config: DictConfig) -> DictConfig:
@@ -121,6 +131,53 @@ def plan_stacks(configs: Sequence[DictConfig], overrides: Sequence[Sequence[str]
     return planned
 
 
+def job_log_files() -> list[logging.FileHandler]:
+    """The root logger's file handlers now: the job's log file, while Hydra runs that job."""
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
+class OtherSeeds(logging.Filter):
+    """Leaves out the lines about the stack's other seeds (a seed's log file keeps its own and the shared)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        about = SEED_LINE.match(record.getMessage())
+        return about is None or int(about.group(1)) == self.seed
+
+
+@contextmanager
+def each_job_logs(files: Sequence[tuple[int, Sequence[logging.FileHandler]]]) -> Iterator[None]:
+    """While a stack trains: for each (seed, its job's file handlers), a handler on the same file
+    (appending, same formatter and level) with the OtherSeeds filter, in place of those of the root
+    (the last prepared job's). The root's handlers are put back as they were afterwards."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    added = []
+    for seed, handlers in files:
+        for handler in handlers:
+            own = logging.FileHandler(handler.baseFilename, mode="a", encoding=handler.encoding, delay=True)
+            own.setFormatter(handler.formatter)
+            own.setLevel(handler.level)
+            own.addFilter(OtherSeeds(seed))
+            added.append(own)
+    jobs = [handler for _, handlers in files for handler in handlers]
+    try:
+        for handler in before:
+            if any(handler is job for job in jobs):
+                root.removeHandler(handler)
+        for handler in added:
+            root.addHandler(handler)
+        yield
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
+        root.handlers[:] = before
+
+
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
     """The launcher's `launch`: Hydra's BasicLauncher, with groups of seeds trained as stacks."""
     from pathlib import Path
@@ -160,18 +217,24 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             returns[chunk[0]] = run(chunk[0], launcher.task_function)
         else:
             jobs: list[SeedJob] = []
-            # Each job of the stack through run_job: its folder, .hydra/, callbacks, and the SeedJob
-            # made while Hydra's config is that job's (its overrides, folder, sweep parent).
+            logs: list = []
+            # Each job of the stack through run_job: its folder, .hydra/, callbacks, log file, and the
+            # SeedJob made while Hydra's config is that job's (its overrides, folder, sweep parent).
             for index in chunk:
-                returns[index] = run(index, lambda cfg, jobs=jobs: jobs.append(SeedJob.current(cfg)))
+                def prepare(cfg, jobs=jobs, logs=logs):
+                    jobs.append(SeedJob.current(cfg))
+                    logs.append((jobs[-1].seed, job_log_files()))
+
+                returns[index] = run(index, prepare)
                 if returns[index].status != JobStatus.COMPLETED:
                     raise returns[index].return_value  # preparing a job failed: Hydra's own error
-            try:
-                scores = train_stacked(jobs, dropout_mode=settings["dropout_mode"])
-            except Exception:  # as a lone sweep job's failure (cnnlab.train): logged, NaN, the sweep goes on
-                log.exception("stacked job of seeds %s failed; its MLflow runs are marked FAILED and the sweep "
-                              "goes on", [job.seed for job in jobs])
-                scores = [math.nan] * len(chunk)
+            with each_job_logs(logs):
+                try:
+                    scores = train_stacked(jobs, dropout_mode=settings["dropout_mode"])
+                except Exception:  # as a lone sweep job's failure (cnnlab.train): logged, NaN, the sweep goes on
+                    log.exception("stacked job of seeds %s failed; its MLflow runs are marked FAILED and the "
+                                  "sweep goes on", [job.seed for job in jobs])
+                    scores = [math.nan] * len(chunk)
             for index, score in zip(chunk, scores):
                 returns[index].return_value = score
         configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)

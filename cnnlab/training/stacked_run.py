@@ -2,7 +2,8 @@
 the run it would have been alone (issue #17).
 
 Each seed is a `SeedJob`: its own config (seed=s, seeds=null: the lone run's config), overrides,
-run directory and MLflow run, with the lone run's tags and params plus a `stacked` tag, its own
+run directory (where a run on other data was, the lone run's sibling `<dir>-data-<fp12>`:
+resume.run_directory_for_data) and MLflow run, with the lone run's tags and params plus a `stacked` tag, its own
 history.jsonl, per-epoch metrics, artifacts and model. What each copy of the stack sees is what
 its lone run sees: its own data (load_dataset and the validation split are seeded by the seed),
 its own batch order and augmentation (StackedBatches: each seed's TensorBatches, bitwise), its
@@ -28,9 +29,17 @@ step on; at the end of the epoch its run is marked FAILED with the lone run's me
 good checkpoint stays, and a `stack_masked.json` in its run directory keeps a resumed stack from
 training it again (train it alone to retry). The other seeds finish.
 
+Early stopping, per seed: each seed has the EarlyStopping callback its lone run would have
+(cnnlab.training.trainer.early_stopping) and Lightning's own rule decides at the end of each of its
+epochs, on its own value. A seed that stops is frozen as CopyGuard freezes a NaN copy, but it is no
+failure: its last.ckpt (with the callback's state, as in a lone checkpoint) is of the epoch it
+stopped after, its run gets the lone run's `early_stopping.stopped_epoch` tag and test metrics and
+ends FINISHED, and a resumed stack loads it from that checkpoint and trains it no more. The stack
+ends when every seed has stopped or failed, or at max_epochs.
+
 Stacking changes nothing that is element-wise per copy; what would mix copies is refused
-(`stacking_problem`): gradient clipping by norm, early stopping (one copy stopping), mixed
-precision's loss scaling, DDP, the DataLoader pipeline (its order is not the memory pipeline's).
+(`stacking_problem`): gradient clipping by norm, mixed precision's loss scaling, DDP, the
+DataLoader pipeline (its order is not the memory pipeline's).
 """
 
 from __future__ import annotations
@@ -109,7 +118,6 @@ def stacking_problem(cfg: DictConfig) -> str | None:
         "trainer.precision": (str(t.precision) != "32-true", "mixed precision scales one loss for all seeds"),
         "trainer.gradient_clip_val": (t.gradient_clip_val is not None, "clipping by norm mixes the seeds"),
         "trainer.accumulate_grad_batches": (t.accumulate_grad_batches != 1, "not implemented for stacks"),
-        "early_stopping.patience": (cfg.early_stopping.patience is not None, "one seed would stop the others"),
         "trainer.strategy": (str(t.strategy) not in ("auto", "single_device") or t.num_nodes != 1,
                              "a stack trains in one process on one device"),
         "trainer.compile": (t.compile is not None, "not implemented for stacks"),
@@ -157,16 +165,17 @@ def _per_copy(value) -> bool:
     return torch.is_tensor(value) and value.dim() > 0
 
 
-def load_lone_optimizer_states(network, optimizer, states: Sequence[Mapping]) -> None:
-    """The stack's optimizer state from each copy's lone one (shared scalars: copy 0's step)."""
+def load_lone_optimizer_states(network, optimizer, states: Sequence[Mapping], shared: int = 0) -> None:
+    """The stack's optimizer state from each copy's lone one (shared scalars such as the step count,
+    and the param groups: copy `shared`'s)."""
     import torch
 
     names = [name for name, _ in network.named_parameters()]
     params = list(network.parameters())
     merged = {}
-    for index in states[0]["state"]:
+    for index in states[shared]["state"]:
         entry = {}
-        for key, value in states[0]["state"][index].items():
+        for key, value in states[shared]["state"][index].items():
             if _per_copy(value):
                 full = torch.zeros_like(params[index])
                 for s, state in enumerate(states):
@@ -175,7 +184,7 @@ def load_lone_optimizer_states(network, optimizer, states: Sequence[Mapping]) ->
             else:
                 entry[key] = value
         merged[index] = entry
-    optimizer.load_state_dict({"state": merged, "param_groups": states[0]["param_groups"]})
+    optimizer.load_state_dict({"state": merged, "param_groups": states[shared]["param_groups"]})
 
 
 def load_lone_checkpoint(path: Path, network) -> dict:
@@ -216,6 +225,8 @@ class _Seed:
     best: float | None = None
     val_acc_best: float = 0.0
     failed: bool = False
+    stopper: object | None = None  # Lightning's EarlyStopping of the lone run (early_stopping.patience set)
+    stopped: int | None = None  # the last epoch trained (1-based) once early stopping ended the seed
 
 
 def train_stacked(jobs: Sequence[SeedJob], step_hook: Callable[[object, int], None] | None = None,
@@ -247,10 +258,10 @@ def train_stacked(jobs: Sequence[SeedJob], step_hook: Callable[[object, int], No
         for job in jobs:
             locks.enter_context(run_directory_lock(job.run_dir))
         locks.enter_context(handled())
-        return _train_stacked(jobs, step_hook, dropout_mode)
+        return _train_stacked(jobs, step_hook, dropout_mode, locks)
 
 
-def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> list[float]:
+def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str, locks: ExitStack) -> list[float]:
     import torch
 
     from cnnlab.data.batches import StackedBatches, TensorDataModule
@@ -259,10 +270,10 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     from cnnlab.training.cpu_share import sample
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.optim import make_optimizer, make_scheduler
-    from cnnlab.training.resume import open_run
+    from cnnlab.training.resume import open_run, run_directory_for_data, run_directory_lock
     from cnnlab.training.run import log_first_params, run_tags
     from cnnlab.training.signals import record_stop, watch
-    from cnnlab.training.trainer import cheap_cuda_probe, one_log_stream, torch_threads
+    from cnnlab.training.trainer import cheap_cuda_probe, early_stopping, one_log_stream, torch_threads
 
     started = sample()  # other processes' CPU use while this job starts: torch_threads
     cfg = jobs[0].cfg
@@ -282,15 +293,19 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     # Each seed: its data, its MLflow run (opened or resumed), or its stored result when done.
     seeds: list[_Seed] = []
     for job in jobs:
-        job.run_dir.mkdir(parents=True, exist_ok=True)
+        data = load_dataset(data_cfg, Path(cfg.paths.cache), job.seed)
+        check_batch_limits(cfg.trainer, data_cfg, len(data.train_x), len(data.test_x))
+        fingerprint = data.fingerprint()
+        # As a lone run (run.py): a folder whose run trained on other pixels is never resumed here.
+        other_data_dir = run_directory_for_data(job.run_dir, fingerprint)
+        if other_data_dir != job.run_dir:
+            job.run_dir = other_data_dir
+            locks.enter_context(run_directory_lock(job.run_dir))
         if (job.run_dir / MASKED_FILE).is_file():
             log.warning("seed %d was masked in its stack (%s); skipped: train it alone to retry it",
                         job.seed, json.loads((job.run_dir / MASKED_FILE).read_text())["why"])
             results[job.seed] = math.nan
             continue
-        data = load_dataset(data_cfg, Path(cfg.paths.cache), job.seed)
-        check_batch_limits(cfg.trainer, data_cfg, len(data.train_x), len(data.test_x))
-        fingerprint = data.fingerprint()
         tracker = None
         if cfg.tracking.enabled:
             last = job.run_dir / "checkpoints" / "last.ckpt"
@@ -307,7 +322,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
         module = TensorDataModule(data, data_cfg, job.seed)
         history = EpochHistory(job.run_dir / "history.jsonl", tracker,
                                0)  # step metrics: one loss for the stack, not logged per seed
-        seeds.append(_Seed(job, data, module, tracker, history))
+        seeds.append(_Seed(job, data, module, tracker, history, stopper=early_stopping(job.cfg)))
     watch(*(seed.tracker for seed in seeds))  # the signal watchdog marks them KILLED if a step hangs
     if not seeds:
         return [results[job.seed] for job in jobs]
@@ -326,6 +341,9 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     schedule = make_scheduler(optimizer, container(cfg.optim), max_epochs, steps_per_epoch * max_epochs)
     start = _resume(seeds, network, optimizer, schedule, device)
     guard = CopyGuard(network, optimizer)
+    for s, seed in enumerate(seeds):
+        if seed.stopped is not None:  # early stopping ended it before the kill: frozen, not trained again
+            guard.alive[s] = False
 
     # Each seed's images on the device once. Seeds whose data is the same (a named dataset with
     # validation=test; not synthetic data or a subset, which the seed draws) share one copy.
@@ -369,6 +387,8 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     step = start * steps_per_epoch
     try:
         for epoch in range(start, max_epochs):
+            if all(seed.failed or seed.stopped is not None for seed in seeds):
+                break
             for seed in seeds:
                 seed.history.flush(up_to=epoch)  # what a killed run wrote and a checkpoint covers
             lr = float(optimizer.param_groups[0]["lr"])
@@ -400,7 +420,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
             seconds = time.perf_counter() - started
             alive = guard.alive.tolist()
             for s, seed in enumerate(seeds):
-                if seed.failed:
+                if seed.failed or seed.stopped is not None:
                     continue
                 if not alive[s] or not math.isfinite(train_loss[s]):
                     _mask(seed, epoch + 1, train_loss[s])
@@ -414,12 +434,17 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
                 improved = seed.best is None or (value < seed.best if mode == "min" else value > seed.best)
                 if improved:
                     seed.best = value
+                if seed.stopper is not None and _early_stop(seed.stopper, metrics, epoch):
+                    seed.stopped = epoch + 1  # saved below (in its checkpoint, as Lightning saves its callback)
                 _save(seed, s, network, optimizer, schedule, epoch, step, best=improved)
+                if seed.stopped is not None:
+                    guard.alive[s] = False  # frozen from the next step on, as a masked copy, but not failed
+                    log.info("seed %d: early stopping: %s did not improve for %d epochs; stopped after epoch %d; "
+                             "the stack's other seeds go on", seed.job.seed, seed.stopper.monitor,
+                             seed.stopper.patience, epoch + 1)
             for seed in seeds:  # after every checkpoint of the epoch (epoch_log's order)
                 if not seed.failed:
                     seed.history.flush(up_to=epoch + 1)
-            if all(seed.failed for seed in seeds):
-                break
         _finish(seeds, network, evaluate, plan, max_epochs, monitor, results)
     except BaseException as error:
         # Every live seed's run: KILLED (a signal) or FAILED, as run.py marks a lone run.
@@ -429,6 +454,19 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
             raise instead from error
         raise
     return [results[job.seed] for job in jobs]
+
+
+def _early_stop(stopper, metrics: Mapping[str, float], epoch: int) -> bool:
+    """Lightning's EarlyStopping check at the end of train epoch `epoch` (0-based), as the lone run's
+    callback makes it (check_on_train_epoch_end): its own rule (min_delta, wait_count, a non-finite
+    value), on the float32 value the lone run logs. True when it stops the seed."""
+    import torch
+
+    should_stop, reason = stopper._evaluate_stopping_criteria(
+        torch.tensor(metrics[stopper.monitor], dtype=torch.float32))
+    if should_stop:  # as EarlyStopping._run_early_stopping_check, whose stopped_epoch is trainer.current_epoch
+        stopper.stopped_epoch, stopper.stopping_reason_message = epoch, reason
+    return should_stop
 
 
 def _mask(seed: _Seed, epoch: int, loss: float) -> None:
@@ -461,9 +499,10 @@ def _save(seed: _Seed, s: int, network, optimizer, schedule, epoch: int, step: i
         "lr_schedulers": [schedule["scheduler"].state_dict()] if schedule else [],
         "callbacks": {f"ModelCheckpoint{{'monitor': '{cfg.checkpoint.monitor}', 'mode': '{cfg.checkpoint.mode}'}}": {
             "best_model_score": torch.tensor(seed.best), "best_model_path": str(
-                seed.job.run_dir / "checkpoints" / "best.ckpt")}},
+                seed.job.run_dir / "checkpoints" / "best.ckpt")},
+            **({seed.stopper.state_key: seed.stopper.state_dict()} if seed.stopper is not None else {})},
         "val_acc_best": seed.val_acc_best,
-        "stacked": {"generator": gens[s].cpu(), "seeds": network.seeds},
+        "stacked": {"generator": gens[s].cpu(), "seeds": network.seeds, "stopped": seed.stopped},
     }
     folder = seed.job.run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
@@ -485,24 +524,43 @@ def _resume(seeds: list[_Seed], network, optimizer, schedule, device) -> int:
              for f in folders]
     if not any(found):
         return 0
-    common = min((max(f) if f else -1) for f in found)
-    if common < 0 or not all(common in f for f in found):
-        behind = [seed.job.seed for seed, f in zip(seeds, found) if common not in f]
+    # A seed early stopping ended stays where it stopped (its last.ckpt); the others go on together.
+    ended = [bool(f) and _stopped_at(f[max(f)]) is not None for f in found]
+    training = [f for f, e in zip(found, ended) if not e]
+    common = min((max(f) if f else -1) for f in training) if training else max(max(f) for f in found)
+    if common < 0 or not all(common in f for f in training):
+        behind = [seed.job.seed for seed, f, e in zip(seeds, found, ended) if common not in f and not e]
         log.warning("seeds %s have no checkpoint of epoch %d; the whole stack trains from its first epoch",
                     behind, common + 1)
         return 0
-    states = [torch.load(f[common], map_location="cpu", weights_only=True) for f in found]
+    states = [torch.load(f[max(f)] if e else f[common], map_location="cpu", weights_only=True)
+              for f, e in zip(found, ended)]
     for s, state in enumerate(states):
         network.load_lone_state_dict(s, {k.removeprefix("network."): v for k, v in state["state_dict"].items()})
         seeds[s].val_acc_best = float(state["val_acc_best"])
-        score = next(iter(state["callbacks"].values()))["best_model_score"]
+        callbacks = state["callbacks"]
+        score = next(v for k, v in callbacks.items() if k.startswith("ModelCheckpoint"))["best_model_score"]
         seeds[s].best = float(score)
+        if seeds[s].stopper is not None and seeds[s].stopper.state_key in callbacks:
+            seeds[s].stopper.load_state_dict(callbacks[seeds[s].stopper.state_key])
+        seeds[s].stopped = state["stacked"].get("stopped")
     network.generators.set_states([state["stacked"]["generator"] for state in states], device)
-    load_lone_optimizer_states(network, optimizer, [state["optimizer_states"][0] for state in states])
-    if schedule is not None and states[0]["lr_schedulers"]:
-        schedule["scheduler"].load_state_dict(states[0]["lr_schedulers"][0])
-    log.info("stack resumes after epoch %d (seeds %s)", common + 1, [seed.job.seed for seed in seeds])
+    # Shared values (Adam's step count, the learning rate, the schedule) from a seed still training.
+    shared = ended.index(False) if training else 0
+    load_lone_optimizer_states(network, optimizer, [state["optimizer_states"][0] for state in states], shared)
+    if schedule is not None and states[shared]["lr_schedulers"]:
+        schedule["scheduler"].load_state_dict(states[shared]["lr_schedulers"][0])
+    stopped = {seed.job.seed: seed.stopped for seed in seeds if seed.stopped is not None}
+    log.info("stack resumes after epoch %d (seeds %s)%s", common + 1, [seed.job.seed for seed in seeds],
+             f"; early stopping ended seed(s) {stopped} after those epochs: not trained again" if stopped else "")
     return common + 1
+
+
+def _stopped_at(path: Path) -> int | None:
+    """The last epoch (1-based) of a seed early stopping ended, from its checkpoint; None if it goes on."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["stacked"].get("stopped")
 
 
 def _finish(seeds: list[_Seed], network, evaluate, plan, max_epochs: int, monitor: str,
@@ -531,7 +589,11 @@ def _finish(seeds: list[_Seed], network, evaluate, plan, max_epochs: int, monito
         write_run_files(seed.job.run_dir, plan, lone, config_yaml, seed.data.classes,
                         wants_weights_txt(cfg.tracking.weights_txt, container(cfg.model)))
         if seed.tracker:
-            seed.tracker.log_metrics({"test/loss": test_loss[s], "test/acc": test_acc[s]}, step=max_epochs)
+            if seed.stopper is not None and seed.stopper.stopped_epoch > 0:  # run.py's tag: the last epoch, 1-based
+                seed.tracker.set_tags({"early_stopping.stopped_epoch": seed.stopped})
+            # At the lone run's trainer.current_epoch: the epochs it trained.
+            seed.tracker.log_metrics({"test/loss": test_loss[s], "test/acc": test_acc[s]},
+                                     step=seed.stopped or max_epochs)
             log_run_files(seed.tracker, seed.job.run_dir)
             if cfg.tracking.log_model:
                 seed.tracker.patiently(lambda seed=seed, lone=lone: log_pytorch_model(
