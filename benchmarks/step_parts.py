@@ -4,6 +4,11 @@
                torch's nn.MaxPool2d vs cnnlab's (cnnlab.model.build.MaxPool2d: tiled maxima)
     step       one training step of the baseline at batch 32 (forward, loss, backward, fused
                Adam), the network with torch's pooling vs cnnlab's
+    dropout    forward + backward of the baseline's two dropouts at batch 32 ((32, 6, 16, 16) and
+               (32, 128)): torch's nn.Dropout vs cnnlab's (cnnlab.model.dropout: the same masks)
+    adam step  the baseline's fused Adam step with Lightning's NVML-based CUDA check in the
+               environment vs without it (cnnlab.training.trainer.cheap_cuda_probe)
+    step 2     the training step with torch's dropout and the NVML check vs cnnlab's dropout without
     eval pass  the baseline's forward over 10,000 images in inference mode, in batches of
                1000 (the old data.eval_batch_size) vs 250 (the new one)
 
@@ -20,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+import lightning  # noqa: F401  (sets PYTORCH_NVML_BASED_CUDA_CHECK=1, as in every training process)
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -28,17 +36,65 @@ sys.path.insert(0, str(REPO))
 
 from cnnlab.config.compose import compose  # noqa: E402
 from cnnlab.model.build import MaxPool2d, build  # noqa: E402
+from cnnlab.model.dropout import Dropout  # noqa: E402
 from cnnlab.model.plan import model_plan  # noqa: E402
 from cnnlab.training.optim import make_optimizer  # noqa: E402
 
 
-def network(torch_pool: bool) -> torch.nn.Sequential:
+NVML = "PYTORCH_NVML_BASED_CUDA_CHECK"
+LIGHTNINGS_NVML = os.environ.get(NVML)  # as `import lightning` left it
+
+
+def network(torch_pool: bool, torch_dropout: bool = False) -> torch.nn.Sequential:
     torch.manual_seed(0)
     net = build(model_plan(compose([])).analysis, logits=True)
     if torch_pool:
         net.maxpool3 = torch.nn.MaxPool2d(2, 2)
+    if torch_dropout:
+        net.dropout4, net.dropout7 = torch.nn.Dropout(0.2), torch.nn.Dropout(0.2)
     assert isinstance(net.maxpool3, MaxPool2d) != torch_pool
+    assert isinstance(net.dropout4, Dropout) != torch_dropout
     return net
+
+
+def nvml_check(on: bool) -> None:
+    """Lightning's variable in the environment (on) or not (cnnlab's cheap_cuda_probe, no device)."""
+    if on and LIGHTNINGS_NVML is not None:
+        os.environ[NVML] = LIGHTNINGS_NVML
+    else:
+        os.environ.pop(NVML, None)
+
+
+def dropout(torch_dropout: bool, n: int = 300) -> float:
+    """Microseconds per forward + backward of both dropouts."""
+    layer = (torch.nn.Dropout if torch_dropout else Dropout)(0.2).train()
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.randn(32, 6, 16, 16, generator=gen).requires_grad_(True)
+    dense = torch.randn(32, 128, generator=gen).requires_grad_(True)
+    for _ in range(20):
+        layer(maps).sum().backward(), layer(dense).sum().backward()
+    start = time.perf_counter()
+    for _ in range(n):
+        layer(maps).sum().backward(), layer(dense).sum().backward()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def adam_step(nvml: bool, n: int = 500) -> float:
+    """Milliseconds per fused Adam step of the baseline's parameters."""
+    net = network(False)
+    optimizer = make_optimizer(net.parameters(), dict(compose([]).optim))
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    nvml_check(nvml)
+    try:
+        for _ in range(20):
+            optimizer.step()
+        start = time.perf_counter()
+        for _ in range(n):
+            optimizer.step()
+        return (time.perf_counter() - start) / n * 1e3
+    finally:
+        nvml_check(True)
 
 
 def pooling(torch_pool: bool, n: int = 300) -> float:
@@ -54,9 +110,16 @@ def pooling(torch_pool: bool, n: int = 300) -> float:
     return (time.perf_counter() - start) / n * 1e3
 
 
-def step(torch_pool: bool, n: int = 200) -> float:
+def step(torch_pool: bool, n: int = 200, torch_dropout: bool = False, nvml: bool = False) -> float:
     """Milliseconds per training step."""
-    net = network(torch_pool)
+    nvml_check(nvml)
+    try:
+        return _step(network(torch_pool, torch_dropout), n)
+    finally:
+        nvml_check(True)
+
+
+def _step(net: torch.nn.Module, n: int) -> float:
     optimizer = make_optimizer(net.parameters(), dict(compose([]).optim))
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,), generator=gen)
@@ -94,6 +157,12 @@ CASES = {
     ("step", "baseline, cnnlab pooling", "ms"): lambda: step(False),
     ("eval pass", "10,000 images, batch 1000", "s"): lambda: eval_pass(1000),
     ("eval pass", "10,000 images, batch 250", "s"): lambda: eval_pass(250),
+    ("dropout", "torch nn.Dropout", "us"): lambda: dropout(True),
+    ("dropout", "cnnlab Dropout (same masks)", "us"): lambda: dropout(False),
+    ("adam step", "with Lightning's NVML check", "ms"): lambda: adam_step(True),
+    ("adam step", "without (cheap_cuda_probe)", "ms"): lambda: adam_step(False),
+    ("step 2", "torch dropout, NVML check", "ms"): lambda: step(False, torch_dropout=True, nvml=True),
+    ("step 2", "cnnlab dropout, no NVML check", "ms"): lambda: step(False),
 }
 
 
