@@ -28,9 +28,16 @@ step on; at the end of the epoch its run is marked FAILED with the lone run's me
 good checkpoint stays, and a `stack_masked.json` in its run directory keeps a resumed stack from
 training it again (train it alone to retry). The other seeds finish.
 
+Precision and clipping as the lone run: `trainer.precision` picks Lightning's own precision plugin
+(`precision_plugin`), whose convert_module, convert_input and forward_context the loop applies where
+Lightning's does (bf16-mixed: torch.autocast around forward and loss, float32 weights and optimizer;
+bf16-true and 64-true: weights and inputs in that dtype). `trainer.gradient_clip_val` clips each copy
+as its lone run clips (`clip_copy_gradients_`): by value element-wise, by norm with each copy's own
+norm over its own slots.
+
 Stacking changes nothing that is element-wise per copy; what would mix copies is refused
-(`stacking_problem`): gradient clipping by norm, early stopping (one copy stopping), mixed
-precision's loss scaling, DDP, the DataLoader pipeline (its order is not the memory pipeline's).
+(`stacking_problem`): early stopping (one copy stopping), 16-mixed's loss scaling (one GradScaler
+for the stack), DDP, the DataLoader pipeline (its order is not the memory pipeline's).
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ log = logging.getLogger("cnnlab")
 STACKED_TAG = "stacked"  # on every seed's run: the seeds of its stack
 MASKED_FILE = "stack_masked.json"  # in a seed's run dir: the stack masked it (NaN); not trained again
 PREVIOUS = "last.prev.ckpt"
+# trainer.precision values a stack trains as the lone run does ("32" and "64" are Lightning's aliases).
+STACKED_PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "bf16-true")
 
 
 @dataclass
@@ -106,8 +115,10 @@ def stacking_problem(cfg: DictConfig) -> str | None:
         return reason
     settings = {
         "data.pipeline": (data.pipeline != "memory", "its DataLoader order is not the memory pipeline's"),
-        "trainer.precision": (str(t.precision) != "32-true", "mixed precision scales one loss for all seeds"),
-        "trainer.gradient_clip_val": (t.gradient_clip_val is not None, "clipping by norm mixes the seeds"),
+        "trainer.precision": (str(t.precision) not in STACKED_PRECISIONS,
+                              "16-mixed scales the loss with one GradScaler for the stack (one seed's overflow "
+                              "would skip every seed's step) and float16 weights are not implemented for stacks; "
+                              f"stacks train in {', '.join(STACKED_PRECISIONS)}"),
         "trainer.accumulate_grad_batches": (t.accumulate_grad_batches != 1, "not implemented for stacks"),
         "early_stopping.patience": (cfg.early_stopping.patience is not None, "one seed would stop the others"),
         "trainer.strategy": (str(t.strategy) not in ("auto", "single_device") or t.num_nodes != 1,
@@ -133,6 +144,20 @@ def stack_device(trainer: Mapping) -> str:
     if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
         return "mps"
     return "cpu"
+
+
+def precision_plugin(precision: str, device_type: str):
+    """Lightning's precision plugin for `precision` (one of STACKED_PRECISIONS), as its Trainer picks it for
+    a lone run on one device (AcceleratorConnector._check_and_init_precision)."""
+    from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+
+    flag = {"32": "32-true", "64": "64-true"}.get(str(precision), str(precision))
+    if flag not in STACKED_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision} cannot be trained stacked; "
+                          f"stacks train in {', '.join(STACKED_PRECISIONS)}")
+    if flag == "bf16-mixed":
+        return MixedPrecision("bf16-mixed", device_type if device_type in ("cpu", "mps") else "cuda")
+    return {"32-true": Precision, "64-true": DoublePrecision}.get(flag, lambda: HalfPrecision(flag))()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +280,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
 
     from cnnlab.data.batches import StackedBatches, TensorDataModule
     from cnnlab.data.sources import load_dataset
-    from cnnlab.model.stacked import CopyGuard, StackedNetwork, stacked_loss
+    from cnnlab.model.stacked import CopyGuard, StackedNetwork, clip_copy_gradients_, stacked_loss
     from cnnlab.training.cpu_share import sample
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.optim import make_optimizer, make_scheduler
@@ -316,6 +341,9 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
     network = StackedNetwork(plan.analysis, live_seeds, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps,
                              dropout_mode=dropout_mode,
                              channels_last=cfg.trainer.channels_last or (device.type == "cpu" and len(seeds) > 1))
+    precision = precision_plugin(cfg.trainer.precision, device.type)
+    network = precision.convert_module(network)  # bf16-true, 64-true: the lone run's dtype (Lightning converts
+    # its network before making the optimizer, as here)
     network.to(device)
     optimizer = make_optimizer(network.parameters(), container(cfg.optim))
     n_train = len(seeds[0].module.split("train")[0])
@@ -355,10 +383,11 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
         seen = 0
         with torch.no_grad():
             for x, y in batches(split, 0, False):  # (S, B, C, H, W), (S, B)
-                logits = network(x)
-                losses = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), y.flatten(), reduction="none",
-                    label_smoothing=cfg.optim.label_smoothing).view(y.shape)
+                with precision.forward_context():  # as Lightning's validation_step/test_step
+                    logits = network(precision.convert_input(x))
+                    losses = torch.nn.functional.cross_entropy(
+                        logits.flatten(0, 1), y.flatten(), reduction="none",
+                        label_smoothing=cfg.optim.label_smoothing).view(y.shape)
                 loss_sum += losses.sum(dim=1)
                 correct += (logits.argmax(dim=2) == y).sum(dim=1)
                 seen += y.shape[1]
@@ -377,11 +406,13 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str) -> lis
             correct = torch.zeros(len(seeds), device=device)
             seen = 0
             for x, y in batches("train", epoch, True):  # (S, B, C, H, W), (S, B): copy s's own batch
-                logits = network(x)
-                loss, per_copy = stacked_loss(logits, y, guard.alive, cfg.optim.label_smoothing)
+                with precision.forward_context():  # bf16-mixed: autocast over forward and loss, as training_step
+                    logits = network(precision.convert_input(x))
+                    loss, per_copy = stacked_loss(logits, y, guard.alive, cfg.optim.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 guard.mask_gradients()
+                clip_copy_gradients_(network, cfg.trainer.gradient_clip_val, cfg.trainer.gradient_clip_algorithm)
                 optimizer.step()
                 guard.commit()
                 if schedule is not None and schedule["interval"] == "step":
@@ -525,6 +556,7 @@ def _finish(seeds: list[_Seed], network, evaluate, plan, max_epochs: int, monito
     for s in live:
         seed = seeds[s]
         lone = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps, logits=True)
+        lone.to(next(network.parameters()).dtype)  # the trained dtype, as the lone run's network (bf16-true)
         lone.load_state_dict(network.lone_state_dict(s))
         config_yaml = OmegaConf.to_yaml(seed.job.cfg, resolve=True)
         write_run_files(seed.job.run_dir, plan, lone, config_yaml, seed.data.classes,
