@@ -207,7 +207,8 @@ def test_jobs_that_cannot_be_stacked_run_one_by_one_and_say_why(caplog):
     assert chunks == [[0], [1]] and "the CPU gains nothing from stacking" in said
     scaled = [[*job, "trainer.precision=16-mixed"] for job in jobs[:2]]
     chunks, said = plan(scaled)
-    assert chunks == [[0], [1]] and "trainer.precision=16-mixed: 16-mixed scales the loss with one GradScaler" in said
+    assert chunks == [[0], [1]]
+    assert "trainer.precision=16-mixed: one GradScaler would scale the whole stack's loss" in said
     assert plan([[*job, "trainer.gradient_clip_val=1.0"] for job in jobs[:2]])[0] == [[0, 1]]  # clipped per seed
 
 
@@ -383,3 +384,15 @@ def test_clipped_stacked_seeds_are_their_lone_clipped_runs(algorithm, clip_val, 
     assert mine.keys() == alone.keys() and all(mine[k].dtype == torch.float64 for k in mine if "num_batches" not in k)
     for key in mine:
         assert torch.allclose(mine[key].double(), alone[key].double(), rtol=0, atol=1e-4), key
+
+
+def test_a_float64_stack_is_sized_for_8_byte_tensors(monkeypatch):
+    from cnnlab.model.stacked import stacked_memory_bytes
+    from cnnlab.training import stacked_launcher
+
+    cfg = compose(TINY)
+    data_bytes = 3 * 16 * 16 * (256 + 10000)  # stack_size's bound on a seed's images on the device
+    fits_8 = stacked_memory_bytes(model_plan(cfg).analysis, 32, 8, "adam") + 8 * data_bytes  # 8 float32 copies
+    monkeypatch.setattr(stacked_launcher, "free_device_bytes", lambda device: fits_8 / 0.8)
+    assert stacked_launcher.stack_size(cfg, 16, 64, 0.8, "cuda") == 8
+    assert stacked_launcher.stack_size(compose([*TINY, "trainer.precision=64-true"]), 16, 64, 0.8, "cuda") < 8

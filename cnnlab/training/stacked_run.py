@@ -37,7 +37,9 @@ norm over its own slots.
 
 Stacking changes nothing that is element-wise per copy; what would mix copies is refused
 (`stacking_problem`): early stopping (one copy stopping), 16-mixed's loss scaling (one GradScaler
-for the stack), DDP, the DataLoader pipeline (its order is not the memory pipeline's).
+for the stack: one copy's overflow would skip every copy's step), DDP, the DataLoader pipeline (its
+order is not the memory pipeline's); so is what is not implemented for stacks: 16-true,
+accumulate_grad_batches, trainer.compile, limit_*_batches.
 """
 
 from __future__ import annotations
@@ -116,9 +118,9 @@ def stacking_problem(cfg: DictConfig) -> str | None:
     settings = {
         "data.pipeline": (data.pipeline != "memory", "its DataLoader order is not the memory pipeline's"),
         "trainer.precision": (str(t.precision) not in STACKED_PRECISIONS,
-                              "16-mixed scales the loss with one GradScaler for the stack (one seed's overflow "
-                              "would skip every seed's step) and float16 weights are not implemented for stacks; "
-                              f"stacks train in {', '.join(STACKED_PRECISIONS)}"),
+                              "one GradScaler would scale the whole stack's loss: one seed's overflow would skip "
+                              "every seed's step" if str(t.precision) == "16-mixed" else
+                              f"not implemented for stacks (they train in {', '.join(STACKED_PRECISIONS)})"),
         "trainer.accumulate_grad_batches": (t.accumulate_grad_batches != 1, "not implemented for stacks"),
         "early_stopping.patience": (cfg.early_stopping.patience is not None, "one seed would stop the others"),
         "trainer.strategy": (str(t.strategy) not in ("auto", "single_device") or t.num_nodes != 1,
