@@ -226,16 +226,16 @@ def test_fast_dropout_draws_one_mask_per_stack():
 
 
 @pytest.mark.parametrize("sync", [True, False])
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_a_nan_copy_is_masked_and_frozen_and_the_others_do_not_notice(optimizer, sync):
+@pytest.mark.parametrize("optimizer,clip", [(name, None) for name in sorted(OPTIMIZERS)] + [("adam", (0.05, "norm"))])
+def test_a_nan_copy_is_masked_and_frozen_and_the_others_do_not_notice(optimizer, clip, sync):
     analysis = _analysis("A")
     x, y = _data(analysis, 5, steps=12)
     k, dead = 5, 1
-    clean, _, _, clean_losses, _ = _stacked_run(analysis, x, y, optimizer, steps=12, sync=sync)
+    clean, _, _, clean_losses, _ = _stacked_run(analysis, x, y, optimizer, steps=12, sync=sync, clip=clip)
     x_bad = x.clone()
     x_bad[k, dead] = float("inf")
     stacked, opt, guard, losses, finite_grads = _stacked_run(analysis, x_bad, y, optimizer, steps=12, sync=sync,
-                                               reload_guard_at=k + 3)
+                                                             reload_guard_at=k + 3, clip=clip)
     assert guard.alive.tolist() == [s != dead for s in range(len(SEEDS))]
     assert torch.isnan(losses[k, dead])
     assert all(finite_grads)  # the NaN never reaches the optimizer (nor a GradScaler's inf check)
@@ -249,9 +249,9 @@ def test_a_nan_copy_is_masked_and_frozen_and_the_others_do_not_notice(optimizer,
     def per_copy(state):
         return {key: v for key, v in state.items() if "num_batches" not in key}
     frozen = per_copy(stacked.lone_state_dict(dead))
-    short, short_opt, *_ = _stacked_run(analysis, x, y, optimizer, steps=k)
+    short, short_opt, *_ = _stacked_run(analysis, x, y, optimizer, steps=k, clip=clip)
     assert all(torch.equal(v, short.lone_state_dict(dead)[key]) for key, v in frozen.items())
-    lone, _ = _lone_run(analysis, SEEDS[dead], x[:, dead], y[:, dead], optimizer, steps=k)
+    lone, _ = _lone_run(analysis, SEEDS[dead], x[:, dead], y[:, dead], optimizer, steps=k, clip=clip, unclipped=[])
     assert _max_diff(frozen, per_copy(lone.state_dict())) < 1e-4
     # ... and so is its optimizer state (Adam's moments, SGD's momentum buffer)
     for p, q in zip(stacked.parameters(), short.parameters()):
