@@ -481,6 +481,8 @@ CASES = [
     case("trainer-unknown-key", ["+trainer.max_epoch=3"], "unknown key 'trainer.max_epoch'", "max_epochs"),
     case("accumulate-zero", ["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches",
          "integer >= 1", "got 0"),
+    case("gradient-clip-fused-mixed-precision", ["trainer.precision=bf16-mixed", "trainer.gradient_clip_val=0.5"],
+         "trainer.gradient_clip_val=0.5", "trainer.precision=bf16-mixed", "optim.impl=foreach or loop"),
     case("gradient-clip-algorithm-unknown", ["trainer.gradient_clip_algorithm=l3"],
          "trainer.gradient_clip_algorithm", "norm, value", "'l3'"),
     # early_stopping

@@ -37,9 +37,9 @@ conv bias followed by BatchNorm has a gradient that is zero in exact
 arithmetic, i.e. pure rounding noise, which Adam scales by 1/eps (see
 tests/test_stacked.py for the figures). Dropout masks are bitwise the lone
 ones. Anything that mixes copies would break the equivalence: gradient
-clipping by norm must be done per copy (it is not offered here), and a
-GradScaler's inf check or an LR scheduler on a monitored metric acts on all
-copies at once.
+clipping by norm is done per copy (`clip_copy_gradients_`: each copy's norm
+over its own slots), while a GradScaler's inf check or an LR scheduler on a
+monitored metric acts on all copies at once.
 
 On the CPU call `set_channels_last()` for S > 1: oneDNN's grouped convolution
 is several times slower on contiguous NCHW maps.
@@ -654,6 +654,50 @@ class CopyGuard:
     def load_state_dict(self, state: Mapping) -> None:
         self.alive.copy_(state["alive"])
         self._remember()
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient clipping, per copy.
+
+
+@torch.no_grad()
+def clip_grad_norm_per_copy_(network: StackedNetwork, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_(copy s's parameters, max_norm) for every copy s at once; returns
+    each copy's total gradient 2-norm before clipping, (S,).
+
+    As clip_grad_norm_ computes it for a lone network: each gradient tensor's norm (here one per
+    copy, over the copy's slot), the norm of those norms, and every gradient of the copy times
+    clamp(max_norm / (norm + 1e-6), max=1). No copy's slots enter another's norm, so a copy with
+    non-finite gradients gets a NaN factor of its own and leaves the others' unchanged. One norm
+    kernel per parameter tensor for all copies, no loop over copies and no host sync.
+    """
+    s = network.stack
+    grads = [p.grad for p in network.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(s)
+    # Every parameter is split along dim 0 into S blocks (StackedLinear's (S, in, out) too): block s is copy s's.
+    norms = torch.stack([torch.linalg.vector_norm(g.unflatten(0, (s, -1)), dim=tuple(range(1, g.dim() + 1)))
+                         for g in grads])  # (P, S)
+    total = torch.linalg.vector_norm(norms, dim=0)  # (S,)
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's eps and clamp
+    for g in grads:
+        g.unflatten(0, (s, -1)).mul_(factor.view(s, *([1] * g.dim())))  # (S, 1, ...): a view, in place
+    return total
+
+
+def clip_copy_gradients_(network: StackedNetwork, clip_val: float | None, algorithm: str = "norm") -> None:
+    """What Lightning's gradient clipping does to a lone run (Precision.clip_gradients), for each copy:
+    nothing for clip_val None or <= 0; "value": every gradient element clamped to +-clip_val (element-wise,
+    so the stacked tensors at once); "norm": each copy's gradients scaled by its own norm
+    (`clip_grad_norm_per_copy_`). Call it after backward (and CopyGuard.mask_gradients), before the step."""
+    if clip_val is None or clip_val <= 0:
+        return
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(network.parameters(), clip_val)
+    elif algorithm == "norm":
+        clip_grad_norm_per_copy_(network, clip_val)
+    else:
+        raise ConfigError(f"gradient clipping algorithm must be norm or value, got {algorithm!r}")
 
 
 # ---------------------------------------------------------------------------------------------

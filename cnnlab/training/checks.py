@@ -36,6 +36,7 @@ def checked(cfg: DictConfig) -> tuple[ModelPlan, dict]:
     if key not in _CHECKED or _registered_again(_CHECKED[key]):
         check_config(resolved)
         check_accelerator(resolved["trainer"])
+        check_clipping(resolved["trainer"], resolved["optim"])
         plan = model_plan(cfg)
         from cnnlab.training.budget import check_budget
 
@@ -56,6 +57,17 @@ def _registered_again(plan: ModelPlan) -> bool:
     from cnnlab.model.registry import factory_of
 
     return factory_of(plan.name) is not plan.module.factory
+
+
+def check_clipping(trainer: Mapping[str, Any], optim: Mapping[str, Any]) -> None:
+    """Lightning refuses to clip gradients under mixed precision when the optimizer unscales them inside
+    its own step, as a fused one does (MixedPrecision.clip_gradients raises a RuntimeError at the first
+    step, after the MLflow run exists); a stack clips as the lone run, so the same holds for it."""
+    clip, precision = trainer["gradient_clip_val"], str(trainer["precision"])
+    if clip is not None and clip > 0 and precision in ("16-mixed", "bf16-mixed") and optim["impl"] == "fused":
+        raise ConfigError(f"trainer.gradient_clip_val={clip} with trainer.precision={precision} needs "
+                          f"optim.impl=foreach or loop: Lightning cannot clip a fused optimizer's gradients "
+                          f"under mixed precision (it unscales them inside its step)")
 
 
 def check_accelerator(trainer: Mapping[str, Any]) -> None:

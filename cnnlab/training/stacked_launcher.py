@@ -80,8 +80,10 @@ def stack_size(cfg: DictConfig, seeds: int, max_stack: int, memory_fraction: flo
     images = data.get("subset") or data.get("n_train") or 60000  # an upper bound for the named sets
     data_bytes = per_image * (images + 10000)
     budget = free * memory_fraction
+    dtype_bytes = 8 if str(cfg.trainer.precision) in ("64", "64-true") else 4  # bf16: 4 is an upper bound
     def needed(stack: int) -> int:
-        return stacked_memory_bytes(analysis, data["batch_size"], stack, cfg.optim.name) + stack * data_bytes
+        return (stacked_memory_bytes(analysis, data["batch_size"], stack, cfg.optim.name, dtype_bytes)
+                + stack * data_bytes)
 
     while size > 1 and needed(size) > budget:
         size -= 1

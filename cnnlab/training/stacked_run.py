@@ -37,9 +37,18 @@ stopped after, its run gets the lone run's `early_stopping.stopped_epoch` tag an
 ends FINISHED, and a resumed stack loads it from that checkpoint and trains it no more. The stack
 ends when every seed has stopped or failed, or at max_epochs.
 
+Precision and clipping as the lone run: `trainer.precision` picks Lightning's own precision plugin
+(`precision_plugin`), whose convert_module, convert_input and forward_context the loop applies where
+Lightning's does (bf16-mixed: torch.autocast around forward and loss, float32 weights and optimizer;
+bf16-true and 64-true: weights and inputs in that dtype). `trainer.gradient_clip_val` clips each copy
+as its lone run clips (`clip_copy_gradients_`): by value element-wise, by norm with each copy's own
+norm over its own slots.
+
 Stacking changes nothing that is element-wise per copy; what would mix copies is refused
-(`stacking_problem`): gradient clipping by norm, mixed precision's loss scaling, DDP, the
-DataLoader pipeline (its order is not the memory pipeline's).
+(`stacking_problem`): 16-mixed's loss scaling (one GradScaler for the stack: one copy's overflow
+would skip every copy's step), DDP, the DataLoader pipeline (its order is not the memory
+pipeline's); so is what is not implemented for stacks: 16-true, accumulate_grad_batches,
+trainer.compile, limit_*_batches.
 """
 
 from __future__ import annotations
@@ -65,6 +74,8 @@ log = logging.getLogger("cnnlab")
 STACKED_TAG = "stacked"  # on every seed's run: the seeds of its stack
 MASKED_FILE = "stack_masked.json"  # in a seed's run dir: the stack masked it (NaN); not trained again
 PREVIOUS = "last.prev.ckpt"
+# trainer.precision values a stack trains as the lone run does ("32" and "64" are Lightning's aliases).
+STACKED_PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "bf16-true")
 
 
 @dataclass
@@ -115,8 +126,10 @@ def stacking_problem(cfg: DictConfig) -> str | None:
         return reason
     settings = {
         "data.pipeline": (data.pipeline != "memory", "its DataLoader order is not the memory pipeline's"),
-        "trainer.precision": (str(t.precision) != "32-true", "mixed precision scales one loss for all seeds"),
-        "trainer.gradient_clip_val": (t.gradient_clip_val is not None, "clipping by norm mixes the seeds"),
+        "trainer.precision": (str(t.precision) not in STACKED_PRECISIONS,
+                              "one GradScaler would scale the whole stack's loss: one seed's overflow would skip "
+                              "every seed's step" if str(t.precision) == "16-mixed" else
+                              f"not implemented for stacks (they train in {', '.join(STACKED_PRECISIONS)})"),
         "trainer.accumulate_grad_batches": (t.accumulate_grad_batches != 1, "not implemented for stacks"),
         "trainer.strategy": (str(t.strategy) not in ("auto", "single_device") or t.num_nodes != 1,
                              "a stack trains in one process on one device"),
@@ -141,6 +154,20 @@ def stack_device(trainer: Mapping) -> str:
     if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
         return "mps"
     return "cpu"
+
+
+def precision_plugin(precision: str, device_type: str):
+    """Lightning's precision plugin for `precision` (one of STACKED_PRECISIONS), as its Trainer picks it for
+    a lone run on one device (AcceleratorConnector._check_and_init_precision)."""
+    from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+
+    flag = {"32": "32-true", "64": "64-true"}.get(str(precision), str(precision))
+    if flag not in STACKED_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision} cannot be trained stacked; "
+                          f"stacks train in {', '.join(STACKED_PRECISIONS)}")
+    if flag == "bf16-mixed":
+        return MixedPrecision("bf16-mixed", device_type if device_type in ("cpu", "mps") else "cuda")
+    return {"32-true": Precision, "64-true": DoublePrecision}.get(flag, lambda: HalfPrecision(flag))()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +293,7 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str, locks:
 
     from cnnlab.data.batches import StackedBatches, TensorDataModule
     from cnnlab.data.sources import load_dataset
-    from cnnlab.model.stacked import CopyGuard, StackedNetwork, stacked_loss
+    from cnnlab.model.stacked import CopyGuard, StackedNetwork, clip_copy_gradients_, stacked_loss
     from cnnlab.training.cpu_share import sample
     from cnnlab.training.epoch_log import EpochHistory
     from cnnlab.training.optim import make_optimizer, make_scheduler
@@ -332,6 +359,9 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str, locks:
     network = StackedNetwork(plan.analysis, live_seeds, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps,
                              dropout_mode=dropout_mode,
                              channels_last=cfg.trainer.channels_last or (device.type == "cpu" and len(seeds) > 1))
+    precision = precision_plugin(cfg.trainer.precision, device.type)
+    network = precision.convert_module(network)  # bf16-true, 64-true: the lone run's dtype (Lightning converts
+    # its network before making the optimizer, as here)
     network.to(device)
     optimizer = make_optimizer(network.parameters(), container(cfg.optim))
     n_train = len(seeds[0].module.split("train")[0])
@@ -374,10 +404,11 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str, locks:
         seen = 0
         with torch.no_grad():
             for x, y in batches(split, 0, False):  # (S, B, C, H, W), (S, B)
-                logits = network(x)
-                losses = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), y.flatten(), reduction="none",
-                    label_smoothing=cfg.optim.label_smoothing).view(y.shape)
+                with precision.forward_context():  # as Lightning's validation_step/test_step
+                    logits = network(precision.convert_input(x))
+                    losses = torch.nn.functional.cross_entropy(
+                        logits.flatten(0, 1), y.flatten(), reduction="none",
+                        label_smoothing=cfg.optim.label_smoothing).view(y.shape)
                 loss_sum += losses.sum(dim=1)
                 correct += (logits.argmax(dim=2) == y).sum(dim=1)
                 seen += y.shape[1]
@@ -398,11 +429,13 @@ def _train_stacked(jobs: Sequence[SeedJob], step_hook, dropout_mode: str, locks:
             correct = torch.zeros(len(seeds), device=device)
             seen = 0
             for x, y in batches("train", epoch, True):  # (S, B, C, H, W), (S, B): copy s's own batch
-                logits = network(x)
-                loss, per_copy = stacked_loss(logits, y, guard.alive, cfg.optim.label_smoothing)
+                with precision.forward_context():  # bf16-mixed: autocast over forward and loss, as training_step
+                    logits = network(precision.convert_input(x))
+                    loss, per_copy = stacked_loss(logits, y, guard.alive, cfg.optim.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 guard.mask_gradients()
+                clip_copy_gradients_(network, cfg.trainer.gradient_clip_val, cfg.trainer.gradient_clip_algorithm)
                 optimizer.step()
                 guard.commit()
                 if schedule is not None and schedule["interval"] == "step":
@@ -584,6 +617,7 @@ def _finish(seeds: list[_Seed], network, evaluate, plan, max_epochs: int, monito
     for s in live:
         seed = seeds[s]
         lone = build(plan.analysis, cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps, logits=True)
+        lone.to(next(network.parameters()).dtype)  # the trained dtype, as the lone run's network (bf16-true)
         lone.load_state_dict(network.lone_state_dict(s))
         config_yaml = OmegaConf.to_yaml(seed.job.cfg, resolve=True)
         write_run_files(seed.job.run_dir, plan, lone, config_yaml, seed.data.classes,
