@@ -345,3 +345,17 @@ def test_a_run_on_a_machine_without_cuda_devices_drops_lightnings_nvml_probe(tmp
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     cheap_cuda_probe()
     assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+
+
+def test_a_bf16_true_run_logs_a_float32_model_of_its_weights(tmp_path):
+    """bf16-true trains bfloat16 weights; the logged model serves float32 images with those weights
+    (before, logging fed a float32 example to bfloat16 weights and the finished run failed there)."""
+    result = train(_cfg(tmp_path, "trainer.max_epochs=1", "trainer.precision=bf16-true", "tracking.log_model=true"))
+    state = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state["network.conv0.weight"].dtype == torch.bfloat16
+    network = build(model_plan(_cfg(tmp_path)).analysis, logits=True)
+    network.load_state_dict({k.removeprefix("network."): v.float() for k, v in state.items() if k.startswith("network.")})
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    logged = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    x = torch.rand(5, 3, 16, 16)
+    torch.testing.assert_close(logged(x), torch.softmax(network.eval()(x), dim=1), rtol=1e-5, atol=1e-6)

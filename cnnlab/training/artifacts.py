@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 
@@ -18,7 +19,10 @@ def write_weights(network: nn.Module, path: Path) -> None:
         for name, param in network.named_parameters():
             if not param.requires_grad:
                 continue
-            values = param.detach().cpu().numpy()
+            values = param.detach().cpu()
+            if values.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds each value exactly
+                values = values.float()
+            values = values.numpy()
             out.write(f"{name} shape={tuple(values.shape)}\n")
             # One line per last-axis row. savetxt, not array2string: 30x faster on the
             # baseline's 198k values (2 s per run otherwise).
@@ -117,7 +121,7 @@ def log_run_files(tracker, run_dir: Path) -> None:
 
 
 def log_pytorch_model(tracker, network: nn.Module, datamodule, plan) -> None:
-    """The final model in MLflow's pytorch flavour (pt2: no pickle), with a signature.
+    """The final model in MLflow's pytorch flavour (pt2: no pickle), with a signature, in float32.
 
     It returns probabilities when the layer list ends in softmax, like Keras's model.
     """
@@ -127,7 +131,9 @@ def log_pytorch_model(tracker, network: nn.Module, datamodule, plan) -> None:
     import torch
     from mlflow.models import infer_signature
 
-    model = copy.deepcopy(network).cpu().eval()
+    # In float32, as served (images become float32 tensors): a bf16-true or 64-true run's weights would
+    # refuse a float32 input, and numpy, which the signature and example go through, has no bfloat16.
+    model = copy.deepcopy(network).cpu().float().eval()
     if plan.ends_in_softmax:
         model = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))
     x = next(iter(datamodule.test_dataloader()))[0][:2].cpu()
