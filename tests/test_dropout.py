@@ -46,7 +46,7 @@ def test_a_channels_last_input_gets_the_masks_of_its_contiguous_twin():
 
 def test_noise_from_a_generator_is_bernoulli_from_that_generator():
     ours, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    noise = bernoulli_noise((4, 33), 0.75, generator=ours)
+    noise = bernoulli_noise(torch.empty(4, 33), 0.75, generator=ours)
     assert torch.equal(noise, torch.empty(4, 33).bernoulli_(0.75, generator=theirs).div_(0.75))
     assert torch.equal(ours.get_state(), theirs.get_state())
 
@@ -55,3 +55,11 @@ def test_evaluation_and_zero_rate_are_the_identity():
     x = torch.randn(4, 10)
     assert torch.equal(Dropout(0.5).eval()(x), x)
     assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_it_works_under_vmap_with_different_masks_per_copy():
+    """torch.func.vmap over a network with this Dropout (benchmarks/stacked_step.py's vmap contender)."""
+    x = torch.ones(3, 4, 50)
+    out = torch.func.vmap(Dropout(0.5).train(), randomness="different")(x)
+    assert out.shape == x.shape and set(out.unique().tolist()) <= {0.0, 2.0}
+    assert not torch.equal(out[0], out[1])

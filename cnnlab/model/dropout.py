@@ -35,14 +35,16 @@ def uniform_draws_are_bernoullis(device: str = "cpu") -> bool:
     return torch.equal(ours.float(), theirs) and torch.equal(draws.get_state(), reference.get_state())
 
 
-def bernoulli_noise(shape: torch.Size | tuple[int, ...], keep: float, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-    """`torch.empty(shape).bernoulli_(keep).div_(keep)`: dropout's noise, contiguous, the same numbers
-    (and the same generator state afterwards) by the faster draw where the probe allows."""
-    if torch.device(device).type == "cpu" and uniform_draws_are_bernoullis("cpu"):
-        uniforms = torch.empty(shape, dtype=torch.float64).uniform_(generator=generator)
-        return (uniforms < keep).to(dtype).div_(keep)
-    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(keep, generator=generator).div_(keep)
+def bernoulli_noise(like: torch.Tensor, keep: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`torch.empty(like.shape).bernoulli_(keep).div_(keep)`: dropout's noise for `like` (its shape,
+    dtype and device; contiguous, so drawn in logical order), the same numbers (and the same generator
+    state afterwards) by the faster draw where the probe allows. Made with empty_like, so that under
+    torch.func.vmap the noise is batched like `like`, as torch's dropout noise is."""
+    contiguous = torch.contiguous_format
+    if like.device.type == "cpu" and uniform_draws_are_bernoullis("cpu"):
+        uniforms = torch.empty_like(like, dtype=torch.float64, memory_format=contiguous).uniform_(generator=generator)
+        return (uniforms < keep).to(like.dtype).div_(keep)
+    return torch.empty_like(like, memory_format=contiguous).bernoulli_(keep, generator=generator).div_(keep)
 
 
 class Dropout(nn.Dropout):
@@ -56,4 +58,4 @@ class Dropout(nn.Dropout):
         if (not self.training or self.inplace or not 0 < self.p < 1 or x.device.type != "cpu"
                 or not x.is_floating_point() or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
             return super().forward(x)  # torch's own: CUDA's fused kernel, in-place, and compiled graphs
-        return x * bernoulli_noise(x.shape, 1.0 - self.p, x.dtype)
+        return x * bernoulli_noise(x, 1.0 - self.p)

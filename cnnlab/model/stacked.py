@@ -318,7 +318,7 @@ class StackedDropout(nn.Module):
         join = (lambda ts: torch.cat(ts, dim=1)) if maps else (lambda ts: torch.stack(ts, dim=0))
         if x.device.type == "cuda":
             return join([_cuda_dropout(part.contiguous(), self.p, g) for part, g in zip(parts, gens)])
-        noise = [bernoulli_noise(part.shape, 1 - self.p, x.dtype, x.device, generator=g) for part, g in zip(parts, gens)]
+        noise = [bernoulli_noise(part, 1 - self.p, generator=g) for part, g in zip(parts, gens)]
         return x * join(noise)  # (B, S*C, H, W) or (S, B, F); element-wise, so bitwise the lone products
 
     def extra_repr(self) -> str:
