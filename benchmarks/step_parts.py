@@ -9,6 +9,7 @@
     adam step  the baseline's fused Adam step with Lightning's NVML-based CUDA check in the
                environment vs without it (cnnlab.training.trainer.cheap_cuda_probe)
     step 2     the training step with torch's dropout and the NVML check vs cnnlab's dropout without
+    step 3     the training step with cnnlab's dropout, with the NVML check vs without (the check alone)
     eval pass  the baseline's forward over 10,000 images in inference mode, in batches of
                1000 (the old data.eval_batch_size) vs 250 (the new one)
 
@@ -163,6 +164,8 @@ CASES = {
     ("adam step", "without (cheap_cuda_probe)", "ms"): lambda: adam_step(False),
     ("step 2", "torch dropout, NVML check", "ms"): lambda: step(False, torch_dropout=True, nvml=True),
     ("step 2", "cnnlab dropout, no NVML check", "ms"): lambda: step(False),
+    ("step 3", "cnnlab dropout, NVML check", "ms"): lambda: step(False, nvml=True),
+    ("step 3", "cnnlab dropout, no NVML check", "ms"): lambda: step(False),
 }
 
 
