@@ -10,8 +10,8 @@ only the training of a group happens once, after all of its jobs were prepared.
 Settings (conf/hydra/launcher/stacked.yaml): `max_stack` seeds per stack at most; the stack size
 is also bounded by `stacked_memory_bytes` (parameters, gradients, optimizer state, activations x
 batch x stack) plus each seed's data against `memory_fraction` of the device's free memory;
-`stack: auto` stacks only on an accelerator (the CPU gains nothing: measured 0.85-1.2x the time
-of sequential runs on 2 cores), `stack: force` stacks on the CPU too. Jobs that cannot be stacked
+`stack: auto` stacks only on an accelerator (the CPU gains nothing: stacked_run.CPU_STACKING),
+`stack: force` stacks on the CPU too. Jobs that cannot be stacked
 (a layer, a setting, a single seed) run one job each, with one line saying why.
 
 Logs: Hydra gives each job its log file (<job folder>/train.log) while it prepares the job, so
@@ -95,7 +95,7 @@ def plan_stacks(configs: Sequence[DictConfig], overrides: Sequence[Sequence[str]
     """The jobs (indices) to train together, in order; a list of one is a job trained alone."""
     from cnnlab.config.compose import container
     from cnnlab.errors import ConfigError
-    from cnnlab.training.stacked_run import stack_device, stacking_problem
+    from cnnlab.training.stacked_run import CPU_STACKING, stack_device, stacking_problem
 
     if stack not in STACK_MODES:
         raise ConfigError(f"hydra.launcher.stack must be one of {', '.join(STACK_MODES)}, got {stack!r}")
@@ -120,8 +120,7 @@ def plan_stacks(configs: Sequence[DictConfig], overrides: Sequence[Sequence[str]
             except ConfigError as error:  # the job itself reports it, as with any launcher
                 why = f"its config is refused ({error})"
             if why is None and device == "cpu" and stack != "force":
-                why = ("the CPU gains nothing from stacking (measured 0.85-1.2x the time of one after "
-                       "another on 2 cores); hydra.launcher.stack=force stacks anyway")
+                why = f"{CPU_STACKING}; hydra.launcher.stack=force stacks anyway"
         if why is not None:
             log.info("stacked launcher: %d job(s) of %s run one by one: %s", len(members), what, why)
             planned += [[i] for i in members]

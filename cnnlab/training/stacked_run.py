@@ -74,6 +74,10 @@ log = logging.getLogger("cnnlab")
 STACKED_TAG = "stacked"  # on every seed's run: the seeds of its stack
 MASKED_FILE = "stack_masked.json"  # in a seed's run dir: the stack masked it (NaN); not trained again
 PREVIOUS = "last.prev.ckpt"
+# What stacking does on the CPU (benchmarks/stacked_seeds.py, BENCHMARKS.md): said wherever a stack
+# would train on the CPU.
+CPU_STACKING = ("the CPU gains nothing from stacking (measured 0.94-1.01x the time of the same seeds one "
+                "after another on 2 cores: it is compute-bound); it pays on an accelerator")
 # trainer.precision values a stack trains as the lone run does ("32" and "64" are Lightning's aliases).
 STACKED_PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "bf16-true")
 
@@ -683,8 +687,7 @@ def train_seeds(cfg: DictConfig, tags: Mapping[str, str] | None = None):
     check_seeds(cfg)
     seeds = [int(s) for s in cfg.seeds]
     if stack_device(container(cfg.trainer)) == "cpu":
-        log.warning("stacking %d seeds on the CPU: it gains nothing there (measured 0.85-1.2x the time of "
-                    "training them one after another, on 2 cores); it pays on an accelerator", len(seeds))
+        log.warning("stacking %d seeds on the CPU: %s", len(seeds), CPU_STACKING)
     base = [o for o in job_overrides if o.lstrip("+~").split("=", 1)[0] != "seeds"]
     folder = run_directory(cfg, run_name(cfg, job_overrides))
     jobs = []
