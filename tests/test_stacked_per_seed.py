@@ -188,3 +188,40 @@ def test_a_seed_on_other_data_trains_beside_the_first_never_resuming_it(tmp_path
     again = _jobs(tmp_path, [0, 1], *one_epoch)
     train_stacked(again, step_hook=lambda network, step: seen.append(step))
     assert seen == [] and [job.run_dir for job in again] == [tmp_path / "stack" / f"s{s}" for s in (0, 1)]
+
+
+def test_seeds_on_other_pixels_are_another_group_with_its_own_parent_run(tmp_path):
+    """`cnnlab train seeds=[...]` on another image tree (data.root is left out of run names): its seeds
+    and its parent run live beside the first group's, in `<run dir>-data-<fp12>`, never resuming them."""
+    from test_train import _tree
+
+    from cnnlab.cli import main
+    from cnnlab.training.resume import DATA_FILE
+
+    first, second = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (7, 7, 7)).save(second / "train" / "cat" / "0.png")  # other pixels
+
+    def command(tree: Path) -> list[str]:
+        return ["train", "data=folder", f"data.root={tree}", "data.shape=[3,16,16]", "data.num_classes=2",
+                f"paths.runs={tmp_path / 'runs'}", "trainer.max_epochs=1", "tracking.log_model=false",
+                "model.widths=[2]", "model.dense=[4]", "trainer.enable_progress_bar=false", "seeds=[0,1]"]
+
+    assert main(command(first)) == 0
+    assert main(command(second)) == 0
+    client = _client(tmp_path / "runs")
+    found = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    parents = [r for r in found if r.data.tags.get("sweep") == "parent"]
+    assert len(parents) == 2 and len(found) == 6
+    children = {}
+    for run in found:
+        if run not in parents:
+            children.setdefault(run.data.tags["mlflow.parentRunId"], []).append(Path(run.data.tags["run_dir"]))
+    folders = {parent.info.run_id: {d.parent for d in children[parent.info.run_id]} for parent in parents}
+    assert all(len(f) == 1 for f in folders.values())  # each group's seeds in one folder
+    (one,), (two,) = folders.values()
+    new, old = (one, two) if "-data-" in one.name else (two, one)
+    assert new == old.with_name(f"{old.name}-data-{(new / DATA_FILE).read_text().strip()[:12]}")
+    assert main(command(first)) == 0  # the first tree again: its own group, done, nothing new
+    assert len(client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])) == 6

@@ -675,9 +675,9 @@ def train_seeds(cfg: DictConfig, tags: Mapping[str, str] | None = None):
     """Train cfg.seeds as one stack. Returns a Result of the group: the parent run (None in a sweep or
     with tracking off), the folder of the seeds' runs, and as score the mean over seeds of the best
     `checkpoint.monitor` (NaN if every seed failed); each seed's own results are in its run.
-    Each seed's run lives in <this command's run dir>/s<seed>; outside a sweep they are the
-    children of a parent run that this command's run dir remembers, so running the same command
-    again resumes them all."""
+    Each seed's run lives in <this command's run dir>/s<seed> (on other pixels than that folder's
+    runs: <run dir>-data-<fp12>/s<seed>); outside a sweep they are the children of a parent run that
+    this folder remembers, so running the same command again resumes them all."""
     from cnnlab.training.naming import in_multirun
     from cnnlab.training.resume import RUN_ID_FILE
 
@@ -689,7 +689,7 @@ def train_seeds(cfg: DictConfig, tags: Mapping[str, str] | None = None):
     if stack_device(container(cfg.trainer)) == "cpu":
         log.warning("stacking %d seeds on the CPU: %s", len(seeds), CPU_STACKING)
     base = [o for o in job_overrides if o.lstrip("+~").split("=", 1)[0] != "seeds"]
-    folder = run_directory(cfg, run_name(cfg, job_overrides))
+    folder = _group_directory(cfg, run_directory(cfg, run_name(cfg, job_overrides)), seeds[0])
     jobs = []
     for seed in seeds:
         seed_overrides = [*base, f"seed={seed}"]
@@ -714,6 +714,21 @@ def train_seeds(cfg: DictConfig, tags: Mapping[str, str] | None = None):
     finite = [r for r in results if math.isfinite(r)]
     return Result(parent.run_id if parent else None, folder, [], {},
                   sum(finite) / len(finite) if finite else math.nan)
+
+
+def _group_directory(cfg: DictConfig, folder: Path, first_seed: int) -> Path:
+    """The folder of a seeds=[...] command's runs and parent run, by the lone run's data rule
+    (resume.run_directory_for_data): the same command on other pixels (another data.root or
+    data.archive, which run names leave out) is another group, with its own parent run, beside the
+    first. The group's data is known by its first seed's (a named dataset's is every seed's; any
+    change of where the pixels come from changes the first seed's too); it is read again for training,
+    from the decode cache."""
+    from cnnlab.data.sources import load_dataset
+    from cnnlab.training.resume import run_directory_for_data
+
+    _, data_cfg = checked(cfg)
+    data = load_dataset(data_cfg, Path(cfg.paths.cache), first_seed)
+    return run_directory_for_data(folder, data.fingerprint())
 
 
 def _open_parent(cfg: DictConfig, id_file: Path, seeds: list[int], base: list[str]):
