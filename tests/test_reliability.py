@@ -483,12 +483,15 @@ def _runs_in(runs: Path) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-@pytest.mark.slow  # two processes from start to end: 40-50 s on the shared 2-core machine
+@pytest.mark.slow  # two processes from start to end: about a minute on the shared 2-core machine
 def test_two_identical_commands_started_together_train_one_run_once(tmp_path):
     """Both once attached to one MLflow run and trained the same epochs. Now the run directory is
-    locked: one trains, the other says in one line that the run is in use (exit 2)."""
-    command = [sys.executable, "-m", "cnnlab.cli", "train", *TINY, f"paths.runs={tmp_path}", "trainer.max_epochs=2",
-               "data.n_train=2048"]
+    locked: one trains, the other says in one line that the run is in use (exit 2). The training
+    lasts about 10 s (0.7 s an epoch at 16,384 images here), far longer than the two start-ups can
+    drift apart: with 2 epochs of 2,048 images the first run finished before the second reached the
+    lock, which then found a finished run (exit 0)."""
+    command = [sys.executable, "-m", "cnnlab.cli", "train", *TINY, f"paths.runs={tmp_path}", "trainer.max_epochs=4",
+               "data.n_train=65536"]
     jobs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = sorted((job.wait(timeout=300), job.stderr.read()) for job in jobs)
     (ok, _), (refused, err) = results
@@ -497,7 +500,7 @@ def test_two_identical_commands_started_together_train_one_run_once(tmp_path):
     assert "is in use by another process (process " in err
     client, run = _only_run(tmp_path)
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2, 3, 4]
 
 
 class _Payload:
