@@ -193,13 +193,22 @@ def decode(args) -> None:
                 seconds_printed(["-c", DECODE, str(ARCHIVE), f"{tmp}/runs-a", str(cache)], env))
             results["cache filled by another runs root"].append(
                 seconds_printed(["-c", DECODE, str(ARCHIVE), f"{tmp}/runs-b", str(cache)], env))
-            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-                f"{k} {v[-1]:.2f} s" for k, v in results.items()), flush=True)
+            progress(repeat, args.repeats, results, digits=2)
     print(f"\nCIFAR-10 copy ({ARCHIVE.name}), load_dataset + fingerprint, {args.repeats} repeats\n")
+    seconds_table(results, digits=2)
+
+
+def progress(repeat: int, repeats: int, results: dict[str, list[float]], digits: int) -> None:
+    print(f"repeat {repeat + 1}/{repeats}: " + ", ".join(
+        f"{k} {v[-1]:.{digits}f} s" for k, v in results.items()), flush=True)
+
+
+def seconds_table(results: dict[str, list[float]], digits: int) -> None:
+    """Median and range of each case's seconds, as a markdown table."""
     print("| what | median s | min-max s |")
     print("|---|---|---|")
     for name, values in results.items():
-        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f}-{max(values):.2f} |")
+        print(f"| {name} | {statistics.median(values):.{digits}f} | {min(values):.{digits}f}-{max(values):.{digits}f} |")
 
 
 def seconds_printed(argv: list[str], env: dict[str, str]) -> float:
@@ -228,13 +237,9 @@ def parts(args) -> None:
             shift = repeat % len(names)
             for name in names[shift:] + names[:shift]:
                 results[name].append(cases[name]())
-            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-                f"{k} {v[-1]:.3f} s" for k, v in results.items()), flush=True)
+            progress(repeat, args.repeats, results, digits=3)
     print(f"\n{args.repeats} repeats, interleaved in rotating order, a fresh process each\n")
-    print("| what | median s | min-max s |")
-    print("|---|---|---|")
-    for name, values in results.items():
-        print(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f}-{max(values):.3f} |")
+    seconds_table(results, digits=3)
 
 
 # --------------------------------------------------------------------------- timeline (child)
