@@ -1,15 +1,15 @@
 """Dropout on the CPU with torch's own masks, drawn faster.
 
-On the CPU, nn.Dropout (ATen's `_dropout_impl`) computes `noise = empty_like(x, contiguous);
+On the CPU, nn.Dropout (ATen's `_dropout_impl`) computes `noise = empty_like(x);
 noise.bernoulli_(1 - p); noise.div_(1 - p); x * noise`. Where torch's CPU bernoulli_ is its
 default kernel (not MKL's, which torch uses on Intel CPUs), it draws one float64 uniform per
 element from the generator, serially, and keeps the element when that uniform is below 1 - p:
 `uniform_(dtype=float64) < 1 - p` draws the very same numbers in the same order, with a faster
-kernel (163 vs 275 us for the baseline's (32, 6, 16, 16) map at one thread; bernoulli_ does not
-use a second thread). The masks, the outputs and the generator's state afterwards are torch's,
-bit for bit for a contiguous input (tests/test_dropout.py); a probe at first use checks this torch and this CPU, and
-where they differ (MKL's stream) bernoulli_ itself is used. About 3% of a training step of the
-chapter's baseline on the CPU (benchmarks/epoch_time.py).
+kernel. The masks, the outputs, the gradients and the generator's state afterwards are torch's,
+bit for bit, for a contiguous input (tests/test_dropout.py); a probe at first use checks this
+torch on this CPU, and where they differ (MKL's stream) bernoulli_ itself is used. The baseline's
+two dropouts take 0.68 of torch's time forward and backward, about 5% of a training step on the
+CPU (benchmarks/step_parts.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ _PROBE_SIZE = 4099  # more than one of MKL's parallel chunks (800), an odd lengt
 
 
 @functools.cache
-def uniform_draws_are_bernoullis(device: str = "cpu") -> bool:
-    """Whether float64 uniforms below `keep` give bernoulli_(keep)'s mask here, bit for bit."""
-    if device != "cpu":
-        return False
+def uniform_draws_are_bernoullis() -> bool:
+    """Whether float64 uniforms below `keep` give the CPU's bernoulli_(keep) mask here, bit for bit."""
     keep = 0.8
     draws = torch.Generator().manual_seed(12345)
     reference = torch.Generator().manual_seed(12345)
@@ -41,7 +39,7 @@ def bernoulli_noise(like: torch.Tensor, keep: float, generator: torch.Generator 
     state afterwards) by the faster draw where the probe allows. Made with empty_like, so that under
     torch.func.vmap the noise is batched like `like`, as torch's dropout noise is."""
     contiguous = torch.contiguous_format
-    if like.device.type == "cpu" and uniform_draws_are_bernoullis("cpu"):
+    if like.device.type == "cpu" and uniform_draws_are_bernoullis():
         uniforms = torch.empty_like(like, dtype=torch.float64, memory_format=contiguous).uniform_(generator=generator)
         return (uniforms < keep).to(like.dtype).div_(keep)
     return torch.empty_like(like, memory_format=contiguous).bernoulli_(keep, generator=generator).div_(keep)
