@@ -63,10 +63,11 @@ def cheap_cuda_probe() -> None:
 
     `import lightning` sets it so that `torch.cuda.is_available()` asks NVML instead of the CUDA
     runtime and does not "poison" forked workers on a GPU machine. torch then opens the NVML
-    library on every call (a dlopen, not cached), and Adam's step calls it once per step: 0.07 ms
-    of a 0.15 ms fused Adam step on the chapter's baseline (benchmarks/epoch_time.py, about 2% of
-    an epoch on the CPU). Where NVML is missing torch falls back to the runtime's count anyway, and
-    where no device is counted there is nothing to poison, so the variable only costs time there."""
+    library on every call (a dlopen that fails where there is no NVIDIA driver, every time), and
+    Adam's step calls it once per step: 0.39 ms of a 2.66 ms training step of the chapter's baseline
+    on the CPU, 0.07 ms of the fused Adam step alone (benchmarks/step_parts.py, BENCHMARKS.md).
+    Where NVML is missing torch falls back to the runtime's count anyway, and where no device is
+    counted there is nothing to poison, so the variable only costs time there."""
     import torch
 
     if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and torch.cuda.device_count() == 0:
