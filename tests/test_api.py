@@ -158,6 +158,21 @@ def test_overrides_from_a_mapping_and_keywords():
         cnnlab.train(["-m", "seed=0,1"])
 
 
+def test_a_run_from_python_prints_its_lines_without_lightnings_noise(tmp_path):
+    """Outside a `cnnlab train` job Lightning prints through its own handler and warnings print
+    themselves: the run's lines come without the ones every run repeats (cnnlab.training.console's
+    NOISE), as on the command's console, and Lightning's handlers are left as they were."""
+    code = (f"import logging, cnnlab; cnnlab.train(['data=synthetic', 'trainer.max_epochs=1', "
+            f"'tracking.log_model=false', 'paths.runs={tmp_path}']); "
+            "print('filters left', sum(len(h.filters) for h in logging.getLogger('lightning.pytorch').handlers))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    printed = done.stdout + done.stderr
+    assert re.search(r"^epoch 1/1  train loss \d", printed, flags=re.M) and "done after epoch 1" in printed
+    for noise in ("GPU available", "TPU available", "LitLogger", "stepping batches", "LeafSpec"):
+        assert noise not in printed, noise
+    assert "filters left 0" in printed
+
+
 def test_import_is_cheap_and_train_stays_the_function():
     code = ("import sys, cnnlab; cnnlab.__all__; "
             "print([m for m in ('torch', 'lightning', 'mlflow', 'hydra') if m in sys.modules])")

@@ -4,12 +4,17 @@ third-party lines that repeat in every job. The job's log file (train.log) keeps
 Hydra's job_logging (conf/train.yaml) installs ConsoleHandler, ConsoleFormat and
 ThirdPartyNoise on the console handler only; `captured_warnings` sends Python warnings
 through logging during a run, so they reach train.log too and the filter can drop the noisy one.
+Without Hydra's logging (cnnlab.train from Python, a benchmark's in-process runs) Lightning prints
+through its own handler and warnings print themselves: `quiet_third_parties` drops the same lines
+there for the run.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -72,3 +77,26 @@ def captured_warnings() -> Iterator[None]:
         yield
     finally:
         logging.captureWarnings(before)
+
+
+@contextmanager
+def quiet_third_parties() -> Iterator[None]:
+    """For one run outside a Hydra job: the NOISE lines left out of what Lightning's own console
+    handlers print, and the noisy Python warnings not shown, unless warnings already go through
+    logging (a `cnnlab train` job: its console filter drops them, its train.log keeps them)."""
+    import lightning  # noqa: F401  (its loggers and their handlers exist once it is imported)
+
+    noise = ThirdPartyNoise()
+    handlers = [h for name in ("lightning.pytorch", "lightning.fabric") for h in logging.getLogger(name).handlers]
+    for handler in handlers:
+        handler.addFilter(noise)
+    try:
+        with warnings.catch_warnings():
+            if logging._warnings_showwarning is None:  # not captured by logging: they would print as they are
+                for name, fragment in NOISE:
+                    if name == "py.warnings":
+                        warnings.filterwarnings("ignore", message=f".*{re.escape(fragment)}")
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(noise)

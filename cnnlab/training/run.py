@@ -33,6 +33,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> Result:
         from cnnlab.training.stacked_run import train_seeds
 
         return train_seeds(cfg, tags)
+    from cnnlab.training.console import quiet_third_parties
     from cnnlab.training.distributed import process_rank
     from cnnlab.training.resume import run_directory_lock
     from cnnlab.training.signals import handled
@@ -41,6 +42,7 @@ def train(cfg: DictConfig, tags: Mapping[str, str] | None = None) -> Result:
     with ExitStack() as held:
         held.enter_context(run_directory_lock(run_dir, held=process_rank() == 0))
         held.enter_context(handled())
+        held.enter_context(quiet_third_parties())
         return _train(cfg, tags, run_dir, held)
 
 
