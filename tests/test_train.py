@@ -359,3 +359,20 @@ def test_a_bf16_true_run_logs_a_float32_model_of_its_weights(tmp_path):
     logged = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
     x = torch.rand(5, 3, 16, 16)
     torch.testing.assert_close(logged(x), torch.softmax(network.eval()(x), dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_the_modules_fast_setattr_keeps_nn_modules_bookkeeping():
+    """Classifier.__setattr__ stores plain values directly (Lightning sets ~35 a step); parameters,
+    modules and tensors still go where nn.Module puts them, also under a name that held a plain value."""
+    from cnnlab.training.module import Classifier
+
+    module = Classifier(torch.nn.Linear(2, 2), dict(compose([]).optim), 2)
+    module.note = "plain"
+    module.note = 3
+    assert module.__dict__["note"] == 3 and "note" not in module._modules
+    module.note = torch.nn.Linear(2, 3)  # a module replaces the plain value
+    assert "note" in module._modules and "note" not in module.__dict__
+    module.scale = 1.0
+    module.scale = torch.nn.Parameter(torch.ones(2))
+    assert "scale" in module._parameters and "scale" not in module.__dict__
+    assert {name for name, _ in module.named_parameters()} >= {"scale", "note.weight", "network.weight"}
